@@ -1,0 +1,130 @@
+# nullmap — build, test, demo, bench, install.
+#
+#   make               build the library (static + shared) and the `nullmap` tool
+#   make test          install Debian packages if missing, build, run the Check suite + CLI tests
+#   make test SAN=1    the same under AddressSanitizer + UBSan (separate build dir build-san/)
+#   make valgrind      a full `nullmap run` under valgrind, failing on any leak or error
+#   make demo          install, build, make the sample model, run nullmap on a sample image
+#   make bench         speed benchmarks (ratios measured side by side in one run)
+#   make install PREFIX=/usr/local
+#
+# Variables: SAN=1, OPT=-O2, PREFIX=/usr/local, NVCC=auto (path to nvcc or "none").
+
+SAN ?= 0
+OPT ?= -O2
+PREFIX ?= /usr/local
+BUILD ?= build$(if $(filter 1,$(SAN)),-san,)
+
+ifneq ($(filter-out 0 1,$(SAN)),)
+$(error SAN must be 0 or 1, got '$(SAN)')
+endif
+
+CC ?= cc
+PKGS := hdf5 jansson libpng cairo
+# OpenBLAS: we link the OpenMP build explicitly so that OpenBLAS and our own parallel loops
+# share one thread pool (two pools on two cores thrash; see ../shared/FINDINGS.md).
+BLAS_DIR := /usr/lib/x86_64-linux-gnu/openblas-openmp
+BLAS_LIBS := -L$(BLAS_DIR) -l:libopenblas.so.0 -Wl,-rpath,$(BLAS_DIR)
+
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+CHECK_CFLAGS = $(shell pkg-config --cflags check 2>/dev/null)
+CHECK_LIBS = $(shell pkg-config --libs check 2>/dev/null)
+
+WARN := -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
+CFLAGS_ALL := $(WARN) $(OPT) -g -fopenmp -fPIC -D_DEFAULT_SOURCE -D_FILE_OFFSET_BITS=64 \
+              -Ilib -Iviz $(PKG_CFLAGS) $(CFLAGS)
+LDLIBS_ALL := $(PKG_LIBS) -ljpeg $(BLAS_LIBS) -fopenmp -lm $(LDLIBS)
+ifeq ($(SAN),1)
+CFLAGS_ALL += -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+LDLIBS_ALL += -fsanitize=address,undefined
+endif
+
+# CUDA: detected, built when present (the GPU backend arrives with issue 5; kernels/ holds it).
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+
+LIB_SRC := $(wildcard lib/*.c) $(wildcard viz/*.c)
+LIB_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(LIB_SRC))
+TOOL_SRC := $(wildcard tools/*.c)
+TOOL_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(TOOL_SRC))
+TEST_SRC := $(wildcard tests/test_*.c) tests/check_main.c tests/test_util.c
+TEST_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(sort $(TEST_SRC)))
+BENCH_SRC := $(wildcard tests/bench/*.c)
+
+VERSION := 0.1.0
+NULLMAP := $(BUILD)/nullmap
+
+.PHONY: all deps test valgrind demo bench install clean fixtures
+
+all: $(NULLMAP) $(BUILD)/libnullmap.a $(BUILD)/libnullmap.so
+
+deps:
+	@tools/install-deps.sh
+
+$(BUILD)/%.o: %.c $(wildcard lib/*.h viz/*.h tests/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -DNM_VERSION='"$(VERSION)"' -c $< -o $@
+
+$(BUILD)/libnullmap.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libnullmap.so: $(LIB_OBJ)
+	$(CC) -shared -o $@ $^ $(LDLIBS_ALL)
+
+$(NULLMAP): $(TOOL_OBJ) $(BUILD)/libnullmap.a
+	$(CC) -o $@ $(TOOL_OBJ) $(BUILD)/libnullmap.a $(LDLIBS_ALL)
+
+$(BUILD)/run_tests: $(TEST_OBJ) $(BUILD)/libnullmap.a
+	$(CC) -o $@ $(TEST_OBJ) $(BUILD)/libnullmap.a $(CHECK_LIBS) $(LDLIBS_ALL)
+
+$(BUILD)/tests/%.o: CFLAGS_ALL += $(CHECK_CFLAGS) -DNM_TEST_DIR='"$(CURDIR)/tests"'
+
+# Sanitizer runs: LeakSanitizer must see our leaks but not the libraries' one-time allocations.
+SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
+           LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
+           UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+TEST_ENV := OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE $(if $(filter 1,$(SAN)),$(SAN_ENV),)
+
+test: deps
+	@$(MAKE) --no-print-directory all $(BUILD)/run_tests
+	$(TEST_ENV) NULLMAP=$(NULLMAP) $(BUILD)/run_tests
+	$(TEST_ENV) NULLMAP=$(NULLMAP) tests/cli_test.sh
+
+valgrind: deps
+	@$(MAKE) --no-print-directory all SAN=0
+	tests/valgrind_run.sh build/nullmap
+
+SAMPLE_MODEL := samples/models/random-k8
+$(SAMPLE_MODEL)/model.safetensors: $(NULLMAP) samples/configs/random-k8.json
+	$(NULLMAP) init --config samples/configs/random-k8.json --seed 1 --out $(SAMPLE_MODEL) --force
+
+demo: deps
+	@$(MAKE) --no-print-directory all $(SAMPLE_MODEL)/model.safetensors
+	$(NULLMAP) info $(SAMPLE_MODEL)
+	$(NULLMAP) run --model $(SAMPLE_MODEL) --image samples/images/shapes.png \
+	    --prompt "What colour is the circle?" --max-new-tokens 8 --out out/demo --force
+	$(NULLMAP) info out/demo/trace.h5
+
+bench: deps
+	@$(MAKE) --no-print-directory all $(BUILD)/bench_moe
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE $(BUILD)/bench_moe
+	tests/bench/run_torch_baseline.sh
+
+$(BUILD)/bench_moe: $(BENCH_SRC) $(BUILD)/libnullmap.a
+	$(CC) $(CFLAGS_ALL) -o $@ $(BENCH_SRC) $(BUILD)/libnullmap.a $(LDLIBS_ALL)
+
+fixtures:
+	python3 tests/gen_fixtures.py --out tests/fixtures
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include/nullmap
+	install -m 755 $(NULLMAP) $(DESTDIR)$(PREFIX)/bin/nullmap
+	install -m 644 $(BUILD)/libnullmap.a $(DESTDIR)$(PREFIX)/lib/
+	install -m 755 $(BUILD)/libnullmap.so $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 lib/*.h $(DESTDIR)$(PREFIX)/include/nullmap/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_DIR@|$(BLAS_DIR)|' \
+	    lib/nullmap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/nullmap.pc
+
+clean:
+	rm -rf build build-san out
