@@ -18,13 +18,22 @@ nm_status nm_fail(nm_error *err, nm_status code, const char *fmt, ...) {
 
 nm_status nm_error_prefix(nm_error *err, const char *fmt, ...) {
     if (!err) return NM_ERR_INTERNAL;
-    char prefix[512], old[sizeof err->msg];
+    char prefix[512];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
-    memcpy(old, err->msg, sizeof old);
-    snprintf(err->msg, sizeof err->msg, "%s: %s", prefix, old);
+    // Shift the old message right and put "prefix: " in front, truncating at the end.
+    size_t cap = sizeof err->msg, pl = strlen(prefix) + 2, ol = strlen(err->msg);
+    if (pl >= cap) pl = cap - 1;
+    if (pl + ol >= cap) ol = cap - 1 - pl;
+    memmove(err->msg + pl, err->msg, ol);
+    err->msg[pl + ol] = '\0';
+    memcpy(err->msg, prefix, pl - 2 < strlen(prefix) ? pl - 2 : strlen(prefix));
+    if (pl >= 2) {
+        err->msg[pl - 2] = ':';
+        err->msg[pl - 1] = ' ';
+    }
     return err->code;
 }
 

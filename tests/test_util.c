@@ -1,4 +1,5 @@
 // test_util.c — helpers shared by the test suites.
+#define _XOPEN_SOURCE 700
 #include "test_util.h"
 
 #include <errno.h>

@@ -1,0 +1,178 @@
+// nm_fileutil.c — atomic writes and directory helpers.
+#include "nm_fileutil.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+char *nm_path_join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+int nm_path_exists(const char *path) {
+    struct stat sb;
+    return lstat(path, &sb) == 0;
+}
+
+int nm_is_dir(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
+nm_status nm_atomic_open(nm_atomic_file *f, const char *path, nm_error *err) {
+    memset(f, 0, sizeof *f);
+    f->fd = -1;
+    size_t n = strlen(path) + 32;
+    f->path = strdup(path);
+    f->tmp_path = malloc(n);
+    if (!f->path || !f->tmp_path) {
+        nm_atomic_abort(f);
+        return NM_NOMEM(err, "path");
+    }
+    snprintf(f->tmp_path, n, "%s.tmp-%ld", path, (long)getpid());
+    f->fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (f->fd < 0) {
+        nm_status s = nm_fail(err, NM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
+        free(f->tmp_path);
+        f->tmp_path = NULL; // nothing to remove
+        nm_atomic_abort(f);
+        return s;
+    }
+    return NM_OK;
+}
+
+nm_status nm_atomic_write(nm_atomic_file *f, const void *data, size_t n, nm_error *err) {
+    const char *p = data;
+    while (n > 0) {
+        ssize_t w = write(f->fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return nm_fail(err, NM_ERR_IO, "%s: write failed: %s", f->path, strerror(errno));
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return NM_OK;
+}
+
+static void fsync_parent(const char *path) {
+    char *copy = strdup(path);
+    if (!copy) return;
+    int dfd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+    free(copy);
+}
+
+nm_status nm_atomic_commit(nm_atomic_file *f, nm_error *err) {
+    nm_status s = NM_OK;
+    if (fsync(f->fd) != 0) s = nm_fail(err, NM_ERR_IO, "%s: fsync failed: %s", f->path, strerror(errno));
+    if (close(f->fd) != 0 && s == NM_OK) s = nm_fail(err, NM_ERR_IO, "%s: close failed: %s", f->path, strerror(errno));
+    f->fd = -1;
+    if (s == NM_OK && rename(f->tmp_path, f->path) != 0)
+        s = nm_fail(err, NM_ERR_IO, "%s: cannot rename temporary file into place: %s", f->path, strerror(errno));
+    if (s == NM_OK) {
+        fsync_parent(f->path);
+        free(f->tmp_path);
+        f->tmp_path = NULL;
+    }
+    nm_atomic_abort(f);
+    return s;
+}
+
+void nm_atomic_abort(nm_atomic_file *f) {
+    if (!f) return;
+    if (f->fd >= 0) close(f->fd);
+    if (f->tmp_path) unlink(f->tmp_path);
+    free(f->tmp_path);
+    free(f->path);
+    memset(f, 0, sizeof *f);
+    f->fd = -1;
+}
+
+nm_status nm_write_file_atomic(const char *path, const void *data, size_t n, nm_error *err) {
+    nm_atomic_file f;
+    nm_status s = nm_atomic_open(&f, path, err);
+    if (s != NM_OK) return s;
+    if ((s = nm_atomic_write(&f, data, n, err)) != NM_OK) {
+        nm_atomic_abort(&f);
+        return s;
+    }
+    return nm_atomic_commit(&f, err);
+}
+
+nm_status nm_mkdir_p(const char *path, nm_error *err) {
+    char *p = strdup(path);
+    if (!p) return NM_NOMEM(err, "path");
+    size_t n = strlen(p);
+    while (n > 1 && p[n - 1] == '/') p[--n] = '\0';
+    for (char *q = p + 1;; q++) {
+        char c = *q;
+        if (c == '/' || c == '\0') {
+            *q = '\0';
+            if (mkdir(p, 0777) != 0 && errno != EEXIST) {
+                nm_status s = nm_fail(err, NM_ERR_IO, "%s: cannot create directory: %s", p, strerror(errno));
+                free(p);
+                return s;
+            }
+            if (!nm_is_dir(p)) {
+                nm_status s = nm_fail(err, NM_ERR_IO, "%s: exists and is not a directory", p);
+                free(p);
+                return s;
+            }
+            *q = c;
+            if (c == '\0') break;
+        }
+    }
+    free(p);
+    return NM_OK;
+}
+
+nm_status nm_read_file(const char *path, size_t max_size, char **out, size_t *size, nm_error *err) {
+    *out = NULL;
+    *size = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return nm_fail(err, NM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return nm_fail(err, NM_ERR_IO, "%s: not a regular file", path);
+    }
+    if ((unsigned long long)sb.st_size > max_size) {
+        close(fd);
+        return nm_fail(err, NM_ERR_LIMIT, "%s: file is %lld bytes, over the limit of %zu", path, (long long)sb.st_size,
+                       max_size);
+    }
+    size_t n = (size_t)sb.st_size;
+    char *buf = malloc(n + 1);
+    if (!buf) {
+        close(fd);
+        return NM_NOMEM(err, "file buffer");
+    }
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    close(fd);
+    if (got != n) {
+        free(buf);
+        return nm_fail(err, NM_ERR_IO, "%s: short read", path);
+    }
+    buf[n] = '\0';
+    *out = buf;
+    *size = n;
+    return NM_OK;
+}

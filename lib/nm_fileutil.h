@@ -1,0 +1,33 @@
+// nm_fileutil.h — small file helpers: atomic writes (temp + fsync + rename), directories.
+#ifndef NM_FILEUTIL_H
+#define NM_FILEUTIL_H
+
+#include <stddef.h>
+
+#include "nm_error.h"
+
+// A file written to `path`.tmp-<pid> and renamed over `path` on commit, so a reader (or a
+// crash) never sees a half-written file.
+typedef struct {
+    char *path, *tmp_path;
+    int fd;
+} nm_atomic_file;
+
+nm_status nm_atomic_open(nm_atomic_file *f, const char *path, nm_error *err);
+nm_status nm_atomic_write(nm_atomic_file *f, const void *data, size_t n, nm_error *err);
+nm_status nm_atomic_commit(nm_atomic_file *f, nm_error *err); // fsync, rename, fsync dir
+void nm_atomic_abort(nm_atomic_file *f);                       // removes the temp file; safe on a zeroed f
+// Writes a whole file atomically.
+nm_status nm_write_file_atomic(const char *path, const void *data, size_t n, nm_error *err);
+
+// Creates a directory and its parents (mode 0777 & ~umask). Existing directories are fine.
+nm_status nm_mkdir_p(const char *path, nm_error *err);
+// 1 if path exists (any type), 0 otherwise.
+int nm_path_exists(const char *path);
+int nm_is_dir(const char *path);
+// Returns malloc'd "dir/name" or NULL.
+char *nm_path_join(const char *dir, const char *name);
+// Reads a whole (regular) file up to max_size bytes; adds a NUL terminator (not counted).
+nm_status nm_read_file(const char *path, size_t max_size, char **out, size_t *size, nm_error *err);
+
+#endif

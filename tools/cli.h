@@ -1,0 +1,46 @@
+// cli.h — shared helpers of the nullmap command-line tool: exit codes, errors, progress.
+#ifndef NM_CLI_H
+#define NM_CLI_H
+
+#include <stdio.h>
+
+#include "nm_error.h"
+#include "nm_metrics.h"
+
+// Exit codes (documented in README.md and in `nullmap --help`).
+enum {
+    EXIT_OK = 0,
+    EXIT_BAD_INPUT = 1, // a file or value is malformed, unsupported or over a limit
+    EXIT_USAGE = 2,     // the command line is wrong
+    EXIT_IO = 3,        // a file is missing, unreadable or unwritable
+    EXIT_INTERNAL = 4,  // out of memory or a bug
+};
+
+int cli_exit_code(nm_status s);
+// Prints "nullmap CMD: error: MSG" to stderr and returns the exit code for err.
+int cli_report(const char *cmd, const nm_error *err);
+// Prints a usage error and returns EXIT_USAGE.
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+// Parses a non-negative integer option value; returns 0 on success.
+int cli_parse_int(const char *s, long lo, long hi, int *out);
+
+// A progress bar on stderr (redrawn in place on a terminal, one line per 10% otherwise).
+typedef struct {
+    int total, done, tty, last_decile;
+    double t0;
+    const char *what;
+} cli_progress;
+void cli_progress_start(cli_progress *p, int total, const char *what);
+void cli_progress_step(cli_progress *p, int done);
+void cli_progress_end(cli_progress *p);
+double cli_now(void);
+
+// Prints the per-layer, per-modality compute table.
+void cli_print_summary(const nm_metrics *m, FILE *out);
+
+int cmd_run(int argc, char **argv);
+int cmd_batch(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_init(int argc, char **argv);
+
+#endif
