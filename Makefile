@@ -56,7 +56,14 @@ NULLMAP := $(BUILD)/nullmap
 
 .PHONY: all deps test valgrind demo bench install clean fixtures
 
+CU_SRC := $(wildcard kernels/*.cu)
+
 all: $(NULLMAP) $(BUILD)/libnullmap.a $(BUILD)/libnullmap.so
+ifeq ($(NVCC),)
+	@echo "nullmap: nvcc not found: CPU backend only (set NVCC=/path/to/nvcc to build the CUDA backend)"
+else ifeq ($(CU_SRC),)
+	@echo "nullmap: nvcc found at $(NVCC); no CUDA kernels in kernels/ yet: CPU backend only"
+endif
 
 deps:
 	@tools/install-deps.sh
@@ -90,6 +97,9 @@ test: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/run_tests
 	$(TEST_ENV) NULLMAP=$(NULLMAP) $(BUILD)/run_tests
 	$(TEST_ENV) NULLMAP=$(NULLMAP) tests/cli_test.sh
+ifeq ($(SAN),0)
+	tests/install_test.sh
+endif
 
 valgrind: deps
 	@$(MAKE) --no-print-directory all SAN=0
@@ -106,10 +116,12 @@ demo: deps
 	    --prompt "What colour is the circle?" --max-new-tokens 8 --out out/demo --force
 	$(NULLMAP) info out/demo/trace.h5
 
+# The bench runs the PyTorch baseline itself (tests/bench/torch_alg1.py, with its own settings)
+# so that every ratio comes from one run. BENCH_ARGS: e.g. --no-torch, --reps 15.
+BENCH_ENV := OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE
 bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_moe
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE $(BUILD)/bench_moe
-	tests/bench/run_torch_baseline.sh
+	$(BENCH_ENV) $(BUILD)/bench_moe $(BENCH_ARGS)
 
 $(BUILD)/bench_moe: $(BENCH_SRC) $(BUILD)/libnullmap.a
 	$(CC) $(CFLAGS_ALL) -o $@ $(BENCH_SRC) $(BUILD)/libnullmap.a $(LDLIBS_ALL)

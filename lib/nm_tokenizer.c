@@ -169,12 +169,33 @@ char *nm_token_display(const nm_config *cfg, const nm_sequence *seq, int i) {
 }
 
 char *nm_sequence_answer(const nm_config *cfg, const nm_sequence *seq) {
-    char *s = malloc((size_t)seq->n + 1);
-    if (!s) return NULL;
-    size_t n = 0;
+    // Answer bytes (EOS and other specials excluded) as valid UTF-8: a byte that does not
+    // start a valid character becomes U+FFFD, so every reader can decode the text. The exact
+    // bytes stay in the token ids.
+    unsigned char *bytes = malloc((size_t)seq->n + 1);
+    char *s = malloc(3 * (size_t)seq->n + 1);
+    if (!bytes || !s) {
+        free(bytes);
+        free(s);
+        return NULL;
+    }
+    size_t nb = 0, n = 0;
     for (int i = 0; i < seq->n; i++)
-        if (seq->segment[i] == NM_SEG_ANSWER && seq->id[i] >= 0 && seq->id[i] < 256) s[n++] = (char)seq->id[i];
+        if (seq->segment[i] == NM_SEG_ANSWER && seq->id[i] >= 0 && seq->id[i] < 256) bytes[nb++] = (unsigned char)seq->id[i];
+    for (size_t i = 0; i < nb;) {
+        int l = utf8_char_len(bytes, nb, i);
+        if (l > 0) {
+            memcpy(s + n, bytes + i, (size_t)l);
+            n += (size_t)l;
+            i += (size_t)l;
+        } else {
+            memcpy(s + n, "\xef\xbf\xbd", 3);
+            n += 3;
+            i++;
+        }
+    }
     s[n] = '\0';
+    free(bytes);
     (void)cfg;
     return s;
 }

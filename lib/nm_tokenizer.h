@@ -38,7 +38,8 @@ void nm_sequence_free(nm_sequence *seq);
 // patches as "<patch r,c>"; other ids as "<id N>".
 char *nm_token_display(const nm_config *cfg, const nm_sequence *seq, int i);
 
-// The generated answer as text (the answer-segment bytes, EOS excluded). malloc'd.
+// The generated answer as valid UTF-8 text (answer-segment bytes, specials excluded; a byte
+// that starts no valid character becomes U+FFFD). malloc'd.
 char *nm_sequence_answer(const nm_config *cfg, const nm_sequence *seq);
 
 #endif

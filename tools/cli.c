@@ -81,3 +81,15 @@ void cli_progress_step(cli_progress *p, int done) {
 void cli_progress_end(cli_progress *p) {
     if (p->tty) fprintf(stderr, "\n");
 }
+
+void cli_print_text(FILE *out, const char *s) {
+    // Control characters escaped so that a model's answer cannot move the cursor or break
+    // the table; everything else (valid UTF-8 by construction) printed as is.
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '\n') fputs("\\n", out);
+        else if (*p == '\t') fputs("\\t", out);
+        else if (*p == '\\') fputs("\\\\", out);
+        else if (*p < 0x20 || *p == 0x7f) fprintf(out, "\\x%02x", *p);
+        else fputc(*p, out);
+    }
+}

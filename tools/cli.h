@@ -35,6 +35,8 @@ void cli_progress_step(cli_progress *p, int done);
 void cli_progress_end(cli_progress *p);
 double cli_now(void);
 
+// Prints text with control characters escaped (\\n, \\t, \\xNN).
+void cli_print_text(FILE *out, const char *s);
 // Prints the per-layer, per-modality compute table.
 void cli_print_summary(const nm_metrics *m, FILE *out);
 

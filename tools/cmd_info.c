@@ -64,10 +64,14 @@ static int info_trace(const char *path, int all) {
             rc = cli_report("info", &err);
             break;
         }
-        if (all || i < 20)
-            printf("  [%d] %d tokens (%d prompt)  image %s  prompt \"%s\"  answer \"%s\"\n", i, s.n_tokens,
-                   s.n_prompt_tokens, s.image_path && s.image_path[0] ? s.image_path : "-", s.prompt ? s.prompt : "",
-                   s.answer ? s.answer : "");
+        if (all || i < 20) {
+            printf("  [%d] %d tokens (%d prompt)  image %s  prompt \"", i, s.n_tokens, s.n_prompt_tokens,
+                   s.image_path && s.image_path[0] ? s.image_path : "-");
+            cli_print_text(stdout, s.prompt ? s.prompt : "");
+            printf("\"  answer \"");
+            cli_print_text(stdout, s.answer ? s.answer : "");
+            printf("\"\n");
+        }
         else if (i == 20) printf("  … (--samples lists all)\n");
         nm_status st = nm_metrics_add_sample(&met, &s, &err);
         nm_trace_sample_free(&s);

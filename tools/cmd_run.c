@@ -101,9 +101,13 @@ int cmd_run(int argc, char **argv) {
         if (image)
             printf("image      %s  (%dx%d, resized to %dx%d, %dx%d patches)\n", image, sample.image_width,
                    sample.image_height, cfg->image_size, cfg->image_size, sample.grid_rows, sample.grid_cols);
-        printf("prompt     %s\n", prompt);
+        printf("prompt     \"");
+        cli_print_text(stdout, prompt);
+        printf("\"\n");
         int eos = n_gen > 0 && sample.token_id[sample.n_tokens - 1] == cfg->tok.eos;
-        printf("answer     %s\n           (%d generated token%s, %s)\n", sample.answer, n_gen, n_gen == 1 ? "" : "s",
+        printf("answer     \"");
+        cli_print_text(stdout, sample.answer);
+        printf("\"\n           (%d generated token%s, %s)\n", n_gen, n_gen == 1 ? "" : "s",
                eos ? "stopped at EOS" : (n_gen < max_new ? "stopped at max_positions" : "stopped at --max-new-tokens"));
         cli_print_summary(&met, stdout);
         printf("trace      %s  (sample %d)\n", trace_path, index);

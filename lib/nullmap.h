@@ -1,0 +1,18 @@
+// nullmap.h — the whole public API of libnullmap in one include.
+// Build flags: `pkg-config --cflags --libs nullmap` after `make install PREFIX=…`.
+#ifndef NULLMAP_H
+#define NULLMAP_H
+
+#include "nm_config.h"     // config.json: parse, validate, write
+#include "nm_engine.h"     // the CPU forward engine (KV cache, prefill, decode, tracing)
+#include "nm_error.h"      // status codes and messages
+#include "nm_generate.h"   // image + prompt -> answer + complete trace
+#include "nm_image.h"      // PNG/JPEG decode, resize, normalise
+#include "nm_metrics.h"    // compute score, intensity, distributions, polarization
+#include "nm_model.h"      // model load/save/init, tensor table
+#include "nm_moe.h"        // the null-expert MoE layer and its router
+#include "nm_safetensors.h" // safetensors read/write, dtype conversions
+#include "nm_tokenizer.h"  // byte tokenizer, sequence layout
+#include "nm_trace.h"      // trace samples and HDF5 trace files
+
+#endif
