@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# cli_test.sh — end-to-end test of the `nullmap` command line.
+#
+#   NULLMAP=build/nullmap tests/cli_test.sh
+#
+# Runs the real binary in a temporary directory: help and version, init (determinism), info,
+# run (with and without an image, --append), batch, and checks the trace with h5dump and, where
+# h5py is available, with a short Python script. Stops at the first failure; the last line is
+# "N passed, 0 failed". Malformed inputs are covered by the bad_inputs Check suite.
+set -euo pipefail
+
+NULLMAP=${NULLMAP:-build/nullmap}
+case "$NULLMAP" in /*) ;; *) NULLMAP="$PWD/$NULLMAP" ;; esac
+[ -x "$NULLMAP" ] || { echo "cli_test: $NULLMAP is not an executable (build it with make)" >&2; exit 1; }
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+T=$(mktemp -d "${TMPDIR:-/tmp}/nmcli-XXXXXX")
+trap 'rm -rf "$T"' EXIT
+cd "$T"
+
+passed=0
+LAST_OUT="$T/last.out"
+LAST_ERR="$T/last.err"
+
+fail() {
+    echo "FAIL: $*" >&2
+    if [ -s "$LAST_OUT" ]; then echo "--- stdout of the last command:" >&2; tail -n 40 "$LAST_OUT" >&2; fi
+    if [ -s "$LAST_ERR" ]; then echo "--- stderr of the last command:" >&2; tail -n 40 "$LAST_ERR" >&2; fi
+    echo "$passed passed, 1 failed" >&2
+    exit 1
+}
+ok() {
+    passed=$((passed + 1))
+    echo "ok $passed - $*"
+}
+# expect CODE CMD...: runs the command, output to last.out/last.err, checks its exit code.
+expect() {
+    local want=$1
+    shift
+    local got=0
+    "$@" >"$LAST_OUT" 2>"$LAST_ERR" || got=$?
+    [ "$got" -eq "$want" ] || fail "exit code $got, expected $want: $*"
+}
+# contains FILE TEXT...: every TEXT occurs in FILE.
+contains() {
+    local f=$1
+    shift
+    for t in "$@"; do grep -qF -- "$t" "$f" || fail "$(basename "$f") lacks \"$t\""; done
+}
+# n_samples TRACE: the sample count printed by `nullmap info`.
+n_samples() {
+    "$NULLMAP" info "$1" >"$LAST_OUT" 2>"$LAST_ERR" || fail "nullmap info $1"
+    sed -n 's/^  \([0-9][0-9]*\) samples\{0,1\}$/\1/p' "$LAST_OUT"
+}
+
+echo "# cli_test: $NULLMAP in $T"
+
+# ---- help and version ----
+expect 0 "$NULLMAP" --help
+contains "$LAST_OUT" "usage: nullmap" run batch info init "exit codes"
+ok "nullmap --help"
+expect 0 "$NULLMAP" --version
+grep -qE '^nullmap [0-9]+\.[0-9]+\.[0-9]+' "$LAST_OUT" || fail "--version does not print 'nullmap X.Y.Z'"
+ok "nullmap --version: $(head -n 1 "$LAST_OUT")"
+expect 2 "$NULLMAP"
+contains "$LAST_ERR" "usage: nullmap"
+ok "nullmap without a command: usage on stderr, exit 2"
+
+expect 0 "$NULLMAP" run --help
+contains "$LAST_OUT" --model --prompt --image --out --max-new-tokens --append --force --quiet
+ok "run --help lists its options"
+expect 0 "$NULLMAP" batch --help
+contains "$LAST_OUT" --model --pairs --out --max-new-tokens --append --force --skip-bad
+ok "batch --help lists its options"
+expect 0 "$NULLMAP" info --help
+contains "$LAST_OUT" "usage: nullmap info" --samples
+ok "info --help lists its options"
+expect 0 "$NULLMAP" init --help
+contains "$LAST_OUT" --config --out --seed --dtype --force
+ok "init --help lists its options"
+
+# ---- init: a small vision model, deterministic in the seed ----
+cat >config.json <<'EOF'
+{ "model_type": "nullmap-moe", "format_version": 1,
+  "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
+  "vocab_size": 261, "max_positions": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+  "tie_embeddings": false,
+  "moe": { "num_experts": 4, "null_copies": 4, "top_k": 2, "expert_hidden": 16,
+           "shared_expert_hidden": 0, "null_kind": "zero" },
+  "vision": { "image_size": 16, "patch_size": 4, "channels": 3 },
+  "tokenizer": { "type": "byte", "bos": 256, "eos": 257, "image_start": 258, "image_end": 259, "pad": 260 } }
+EOF
+N=4
+expect 0 "$NULLMAP" init --config config.json --out model --seed 7
+contains "$LAST_OUT" "parameters"
+[ -s model/config.json ] && [ -s model/model.safetensors ] || fail "init did not write config.json and model.safetensors"
+ok "init writes a model"
+expect 0 "$NULLMAP" init --config config.json --out model_same --seed 7
+cmp -s model/model.safetensors model_same/model.safetensors || fail "same seed, different model.safetensors"
+cmp -s model/config.json model_same/config.json || fail "same seed, different config.json"
+ok "init with the same seed gives identical bytes"
+expect 0 "$NULLMAP" init --config config.json --out model_other --seed 8
+! cmp -s model/model.safetensors model_other/model.safetensors || fail "seeds 7 and 8 gave the same weights"
+ok "init with another seed gives other weights"
+cp model/model.safetensors before.safetensors
+expect 3 "$NULLMAP" init --config config.json --out model --seed 9
+contains "$LAST_ERR" "--force"
+cmp -s model/model.safetensors before.safetensors || fail "a refused init changed the model"
+ok "init over an existing model without --force is refused (exit 3), model untouched"
+expect 0 "$NULLMAP" init --config config.json --out model_bf16 --seed 7 --dtype bf16
+expect 0 "$NULLMAP" info model_bf16
+contains "$LAST_OUT" BF16
+ok "init --dtype bf16 loads back (info says BF16)"
+
+# ---- info on the model ----
+expect 0 "$NULLMAP" info model
+contains "$LAST_OUT" "model" "N=4" "M=4" "top-K=2" "vision" "parameters"
+ok "info MODEL describes it"
+
+# ---- run with an image ----
+IMAGE=$SRC/samples/images/shapes.png
+if [ ! -f "$IMAGE" ]; then
+    # No sample images in this checkout: a 40x30 gradient PNG from the Python standard library.
+    IMAGE=$T/gen.png
+    python3 - "$IMAGE" <<'EOF' || fail "cannot generate a test PNG"
+import struct, sys, zlib
+w, h = 40, 30
+raw = b"".join(b"\0" + bytes(v for x in range(w) for v in (x * 6, y * 8, 128)) for y in range(h))
+def chunk(t, d):
+    return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) \
+    + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+open(sys.argv[1], "wb").write(png)
+EOF
+fi
+expect 0 "$NULLMAP" run --model model --image "$IMAGE" --prompt "What colour is the circle?" --max-new-tokens 5 --out out
+contains "$LAST_OUT" answer vision text layer mean "trace"
+for l in 0 1; do grep -qE "^ +$l +" "$LAST_OUT" || fail "no row for layer $l in the per-layer table"; done
+[ -s out/trace.h5 ] || fail "run did not write out/trace.h5"
+ls out | grep -q 'tmp' && fail "temporary files left in out/: $(ls out)"
+ok "run with an image: answer, vision/text, per-layer table, out/trace.h5"
+[ "$(n_samples out/trace.h5)" = 1 ] || fail "info out/trace.h5 does not list 1 sample"
+ok "info TRACE lists 1 sample"
+
+expect 0 "$NULLMAP" run --model model --image "$IMAGE" --prompt "Where is the square?" --max-new-tokens 5 --out out --append
+[ "$(n_samples out/trace.h5)" = 2 ] || fail "after --append the trace does not hold 2 samples"
+ok "run --append: 2 samples"
+expect 0 "$NULLMAP" run --model model --prompt "Text only, no image." --max-new-tokens 0 --out out --append
+contains "$LAST_OUT" answer
+[ "$(n_samples out/trace.h5)" = 3 ] || fail "after a text-only --append the trace does not hold 3 samples"
+ok "run text-only with --max-new-tokens 0 --append: 3 samples"
+expect 0 "$NULLMAP" run --model model --prompt "quiet please" --max-new-tokens 2 --out out_quiet --quiet
+[ -s "$LAST_OUT" ] || fail "--quiet printed nothing"
+grep -qE '^(model|prompt|answer|tokens|trace) ' "$LAST_OUT" && fail "--quiet printed more than the answer"
+ok "run --quiet prints only the answer"
+cp out/trace.h5 kept.h5
+expect 3 "$NULLMAP" run --model model --prompt "again" --max-new-tokens 1 --out out
+cmp -s out/trace.h5 kept.h5 || fail "a refused run changed the trace"
+ok "run onto an existing trace without --append/--force is refused (exit 3), trace untouched"
+
+# ---- the trace with h5dump ----
+if command -v h5dump >/dev/null 2>&1; then
+    expect 0 h5dump -H out/trace.h5
+    contains "$LAST_OUT" '"samples"' '"routing"' '"slot"' '"n_real"' '"tokens"' '"id"'
+    ok "h5dump -H reads the trace (routing/slot present)"
+    for s in 000000 000001 000002; do
+        expect 0 h5dump -y -w 0 -A 0 -d "/samples/$s/tokens/id" out/trace.h5
+        T_id=$(sed -n 's/.*DATASPACE  SIMPLE { ( \([0-9]*\) ).*/\1/p' "$LAST_OUT" | head -n 1)
+        n_vals=$(sed -n '/DATA {/,/}/p' "$LAST_OUT" | sed '1d;$d' | tr ',' '\n' | grep -cE '^ *-?[0-9]+ *$' || true)
+        [ -n "$T_id" ] && [ "$n_vals" -eq "$T_id" ] || fail "sample $s: tokens/id has $n_vals values, dataspace says '$T_id'"
+        expect 0 h5dump -a "/samples/$s/n_tokens" out/trace.h5
+        n_tok=$(sed -n 's/.*(0): *\([0-9]*\).*/\1/p' "$LAST_OUT" | head -n 1)
+        [ "$n_tok" = "$n_vals" ] || fail "sample $s: attribute n_tokens = '$n_tok' but tokens/id has $n_vals entries"
+        expect 0 h5dump -H -d "/samples/$s/routing/slot" out/trace.h5
+        dims=$(sed -n 's/.*DATASPACE  SIMPLE { ( \([0-9, ]*\) ).*/\1/p' "$LAST_OUT" | head -n 1)
+        IFS=', ' read -r dL dT dK <<<"$dims"
+        [ "$dL" = 2 ] && [ "$dT" = "$T_id" ] && [ "$dK" = 2 ] ||
+            fail "sample $s: routing/slot is [$dims], expected [2, $T_id, 2]"
+    done
+    ok "h5dump: tokens/id has n_tokens entries; routing/slot is [L, n_tokens, K] for all 3 samples"
+else
+    echo "# skip: h5dump not found (install hdf5-tools) — h5dump checks skipped"
+fi
+
+# ---- batch ----
+cp "$IMAGE" pic.png
+{
+    printf '# image\tprompt (a comment line)\n'
+    printf 'pic.png\tWhat is in the picture?\n'
+    printf '\n'
+    printf -- '-\tA text-only line\\twith an escaped tab.\n'
+    printf '%s\tAbsolute path.\n' "$T/pic.png"
+} >pairs.tsv
+expect 0 "$NULLMAP" batch --model model --pairs pairs.tsv --out batch.h5 --max-new-tokens 3
+contains "$LAST_ERR" "3/3"
+contains "$LAST_OUT" "3 samples"
+[ "$(n_samples batch.h5)" = 3 ] || fail "batch trace does not hold 3 samples"
+ok "batch: 3 pairs (comment, blank and text-only lines), progress on stderr, 3 samples"
+expect 0 "$NULLMAP" batch --model model --pairs pairs.tsv --out batch.h5 --max-new-tokens 0 --append
+[ "$(n_samples batch.h5)" = 6 ] || fail "batch --append --max-new-tokens 0 does not give 6 samples"
+ok "batch --append with --max-new-tokens 0: 6 samples"
+
+# ---- the trace's invariants with h5py ----
+if /usr/bin/python3 -c "import h5py, numpy" >/dev/null 2>&1; then
+    /usr/bin/python3 - out/trace.h5 batch.h5 "$N" >"$LAST_OUT" 2>"$LAST_ERR" <<'EOF' || fail "h5py check of the traces"
+import sys
+import h5py
+import numpy as np
+
+n_exp = int(sys.argv[3])
+for path in sys.argv[1:3]:
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] in ("nullmap-trace", b"nullmap-trace"), f.attrs["format"]
+        L, K = int(f.attrs["num_layers"]), int(f.attrs["top_k"])
+        assert int(f.attrs["num_experts"]) == n_exp
+        names = sorted(f["samples"])
+        assert names, path + ": no samples"
+        for name in names:
+            s = f["samples"][name]
+            tid = s["tokens/id"][()]
+            T = len(tid)
+            where = "%s /samples/%s" % (path, name)
+            assert int(s.attrs["n_tokens"]) == T, where + ": n_tokens != len(tokens/id)"
+            for ds, shape in (("n_real", (L, T)), ("null_mass", (L, T)), ("lse", (L, T)),
+                              ("slot", (L, T, K)), ("prob", (L, T, K)), ("gate", (L, T, K))):
+                got = s["routing/" + ds].shape
+                assert got == shape, "%s: routing/%s has shape %s, expected %s" % (where, ds, got, shape)
+            for ds in ("modality", "segment"):
+                assert s["tokens/" + ds].shape == (T,), where + ": tokens/" + ds
+            assert s["tokens/patch"].shape == (T, 2), where + ": tokens/patch"
+            slot = s["routing/slot"][()]
+            assert slot.min() >= -1 and slot.max() <= n_exp - 1, where + ": slot outside [-1, N-1]"
+            n_real = s["routing/n_real"][()]
+            assert (n_real == (slot >= 0).sum(-1)).all(), where + ": n_real != (slot >= 0).sum(-1)"
+            gate = s["routing/gate"][()]
+            assert np.all(gate[slot < 0] == 0), where + ": a null slot has a non-zero gate"
+            rows = n_real > 0
+            assert np.allclose(gate.sum(-1)[rows], 1, atol=1e-4), where + ": gates of real slots do not sum to 1"
+            assert ((tid == -1) == (s["tokens/modality"][()] == 1)).all(), where + ": id -1 <=> vision"
+        print("%s: %d samples ok" % (path, len(names)))
+EOF
+    cat "$LAST_OUT"
+    ok "h5py: routing shapes are [L, T(, K)] with T = len(tokens/id); slot in [-1, N-1]; n_real = (slot >= 0).sum(-1)"
+else
+    echo "# skip: /usr/bin/python3 with h5py and numpy not available — h5py checks skipped"
+fi
+
+echo "$passed passed, 0 failed"
