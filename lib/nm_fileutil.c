@@ -22,6 +22,39 @@ int nm_path_exists(const char *path) {
     return lstat(path, &sb) == 0;
 }
 
+char *nm_first_missing_dir(const char *path) {
+    if (nm_path_exists(path)) return NULL;
+    char *p = strdup(path);
+    if (!p) return NULL;
+    for (;;) {
+        char *slash = strrchr(p, '/');
+        while (slash && slash > p && slash[1] == '\0') { // trailing slashes
+            *slash = '\0';
+            slash = strrchr(p, '/');
+        }
+        if (!slash || slash == p) return p;
+        *slash = '\0';
+        if (nm_path_exists(p)) {
+            *slash = '/';
+            return p;
+        }
+    }
+}
+
+void nm_rmdir_up_to(const char *path, const char *top) {
+    if (!top) return;
+    char *p = strdup(path);
+    if (!p) return;
+    size_t tl = strlen(top);
+    for (;;) {
+        if (rmdir(p) != 0 || strlen(p) <= tl) break;
+        char *slash = strrchr(p, '/');
+        if (!slash) break;
+        *slash = '\0';
+    }
+    free(p);
+}
+
 int nm_is_dir(const char *path) {
     struct stat sb;
     return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);

@@ -22,6 +22,12 @@ nm_status nm_write_file_atomic(const char *path, const void *data, size_t n, nm_
 
 // Creates a directory and its parents (mode 0777 & ~umask). Existing directories are fine.
 nm_status nm_mkdir_p(const char *path, nm_error *err);
+// The shallowest ancestor of `path` (or path itself) that does not exist yet, malloc'd; NULL
+// when path exists. nm_mkdir_p(path) creates exactly this directory and those below it.
+char *nm_first_missing_dir(const char *path);
+// Undo of nm_mkdir_p: removes `path` and its parents up to and including `top` (empty
+// directories only). Used to leave nothing behind after a failure.
+void nm_rmdir_up_to(const char *path, const char *top);
 // 1 if path exists (any type), 0 otherwise.
 int nm_path_exists(const char *path);
 int nm_is_dir(const char *path);

@@ -152,7 +152,8 @@ nm_status nm_model_load(nm_model *m, const char *dir, nm_error *err) {
         goto out;
     }
     if (!nm_is_dir(dir)) {
-        s = nm_fail(err, NM_ERR_IO, "%s: model directory not found (expected config.json and model.safetensors in it)", dir);
+        s = nm_fail(err, NM_ERR_IO, "%s: %s (a model is a directory with config.json and model.safetensors)", dir,
+                    nm_path_exists(dir) ? "not a directory" : "model directory not found");
         goto out;
     }
     if ((s = nm_config_load(&cfg, cfg_path, err)) != NM_OK) goto out;

@@ -183,7 +183,7 @@ char *nm_sequence_answer(const nm_config *cfg, const nm_sequence *seq) {
     for (int i = 0; i < seq->n; i++)
         if (seq->segment[i] == NM_SEG_ANSWER && seq->id[i] >= 0 && seq->id[i] < 256) bytes[nb++] = (unsigned char)seq->id[i];
     for (size_t i = 0; i < nb;) {
-        int l = utf8_char_len(bytes, nb, i);
+        int l = bytes[i] == 0 ? 0 : utf8_char_len(bytes, nb, i); // a NUL would end the C string
         if (l > 0) {
             memcpy(s + n, bytes + i, (size_t)l);
             n += (size_t)l;

@@ -39,7 +39,7 @@ void nm_sequence_free(nm_sequence *seq);
 char *nm_token_display(const nm_config *cfg, const nm_sequence *seq, int i);
 
 // The generated answer as valid UTF-8 text (answer-segment bytes, specials excluded; a byte
-// that starts no valid character becomes U+FFFD). malloc'd.
+// that starts no valid character, or a NUL, becomes U+FFFD). malloc'd.
 char *nm_sequence_answer(const nm_config *cfg, const nm_sequence *seq);
 
 #endif

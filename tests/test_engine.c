@@ -184,6 +184,14 @@ START_TEST(test_sequence_layout) {
     ck_assert_int_eq(nm_sequence_push(&s, &c, 257, &err), NM_OK);
     ck_assert_int_eq(nm_sequence_push(&s, &c, 'x', &err), NM_ERR_LIMIT); // full
     nm_sequence_free(&s);
+    // the answer text: a NUL or a stray byte becomes U+FFFD, never a cut string; EOS dropped
+    ck_assert_int_eq(nm_sequence_build(&s, &c, "q", 0, 6, &err), NM_OK);
+    const int32_t gen[6] = {'r', 0, 0xc3, 0xa9, 0xff, 257};
+    for (int i = 0; i < 6; i++) ck_assert_int_eq(nm_sequence_push(&s, &c, gen[i], &err), NM_OK);
+    char *ans = nm_sequence_answer(&c, &s);
+    ck_assert_str_eq(ans, "r\xef\xbf\xbd\xc3\xa9\xef\xbf\xbd");
+    free(ans);
+    nm_sequence_free(&s);
     // invalid UTF-8 prompt and an image for a text-only model are refused
     ck_assert_int_eq(nm_sequence_build(&s, &c, "ok \xff", 0, 0, &err), NM_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(err.msg, "UTF-8"));

@@ -68,7 +68,8 @@ int cmd_run(int argc, char **argv) {
     nm_trace_sample sample = {0};
     nm_metrics met = {0};
     char *trace_path = nm_path_join(out, "trace.h5");
-    int created_out = 0, index = 0, rc = EXIT_OK;
+    int index = 0, rc = EXIT_OK;
+    char *created_top = NULL; // the shallowest directory this run creates for --out
     nm_status s;
     if (!trace_path) {
         fprintf(stderr, "nullmap run: error: out of memory\n");
@@ -76,7 +77,7 @@ int cmd_run(int argc, char **argv) {
     }
     if ((s = nm_model_load(&model, model_dir, &err)) != NM_OK) goto fail;
     // Open the output before the (long) forward pass so a bad --out fails at once.
-    created_out = !nm_path_exists(out);
+    created_top = nm_first_missing_dir(out);
     if ((s = nm_mkdir_p(out, &err)) != NM_OK) goto fail;
     if ((s = nm_trace_file_open(&tf, trace_path, &model.cfg, model_dir, append, force, &err)) != NM_OK) goto fail;
     nm_request req = {.prompt = prompt, .image_path = image, .max_new_tokens = max_new};
@@ -116,12 +117,13 @@ int cmd_run(int argc, char **argv) {
 fail:
     rc = cli_report("run", &err);
     nm_trace_file_abort(tf);
-    if (created_out) rmdir(out); // leave nothing behind (only removes it if empty)
+    nm_rmdir_up_to(out, created_top); // leave nothing behind (only empty directories we made)
 done:
     nm_metrics_free(&met);
     nm_trace_sample_free(&sample);
     nm_engine_free(engine);
     nm_model_free(&model);
     free(trace_path);
+    free(created_top);
     return rc;
 }
