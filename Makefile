@@ -116,9 +116,13 @@ demo: deps
 	    --prompt "What colour is the circle?" --max-new-tokens 8 --out out/demo --force
 	$(NULLMAP) info out/demo/trace.h5
 
-# The bench runs the PyTorch baseline itself (tests/bench/torch_alg1.py, with its own settings)
-# so that every ratio comes from one run. BENCH_ARGS: e.g. --no-torch, --reps 15.
-BENCH_ENV := OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE
+# The bench runs the PyTorch baseline itself (tests/bench/torch_alg1.py, with its own thread
+# settings) so that every ratio comes from one run. BENCH_ARGS: e.g. --no-torch, --reps 15.
+# OMP_WAIT_POLICY stays at libgomp's default (spin briefly, then sleep): nullmap has a single
+# OpenMP pool (the OpenMP build of OpenBLAS shares it), so FINDINGS.md's two-pool trap cannot
+# arise; PASSIVE would add a futex wake-up to every parallel region (T = 256 ~20% slower,
+# token-by-token decode ~2x slower) and ACTIVE would keep spinning while PyTorch runs.
+BENCH_ENV := env -u OMP_WAIT_POLICY OMP_NUM_THREADS=2
 bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_moe
 	$(BENCH_ENV) $(BUILD)/bench_moe $(BENCH_ARGS)

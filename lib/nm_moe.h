@@ -25,20 +25,22 @@ typedef struct {
 // they all share the null logit and sort after every real expert with an equal logit.
 void moe_route_null(const nm_routing *r, const float *z, int T, const nm_moe_config *mc);
 
-// Reusable scratch for nm_moe_forward (grown on demand, freed by nm_moe_workspace_free).
+// Reusable scratch for nm_moe_forward: zero-initialise it, pass it to every call, free it with
+// nm_moe_workspace_free. Its arrays grow on demand (any T, any config) and are internal.
 typedef struct {
-    size_t cap_tokens;
-    float *logits;      // (T, N+1)
-    float *xin;         // (T*K, D)   gathered expert inputs, one contiguous block per expert
-    float *hidden;      // (T*K, 2H)  gate and up activations
-    float *yout;        // (T*K, D)   expert outputs (gate applied at combine time)
-    float *shared_h;    // (2, T, Hs)
-    int32_t *perm_token; // [T*K]    token of each row of xin
-    int32_t *slot_row;   // [T*K]    row in yout for (t, k); -1 for null slots
-    int32_t *counts;     // [N+1]    rows per expert, then the offsets
-    int32_t *offsets;    // [N+1]
+    float *logits;       // (T, N+1) router logits
+    float *yout;         // (T*K, D) gated expert outputs, one contiguous block of rows per expert
+    float *shared_h;     // (2, T, Hs)
+    float *scratch;      // per thread: transposed input, hidden and output tiles of one expert
+    int32_t *row_slot;   // [T*K] slot (t*K + k) of each row of yout
+    int32_t *slot_row;   // [T*K] row in yout for (t, k); -1 for null slots
+    int32_t *counts;     // [N+1] rows per expert
+    int32_t *offsets;    // [N+1] first row of each expert
     int32_t *cursor;     // [N]
+    int32_t *tasks;      // [6 * (T*K + N)] (expert, first row, rows) work items and a sort buffer
     uint8_t *n_real; int16_t *slot; float *prob, *gate, *null_mass, *lse; // routing, when no trace is kept
+    size_t cap[16];      // bytes held by each array above
+    int scratch_threads; // threads the scratch was cut for
 } nm_moe_workspace;
 
 void nm_moe_workspace_free(nm_moe_workspace *ws);
