@@ -4,22 +4,27 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "nm_moe.h"
 #include "nm_ops.h"
 
-// Query rows handled per attention block: bounds the score buffer at QBLOCK x context.
-#define QBLOCK 256
+// Query rows per attention work item: each thread's score buffer is QBLOCK x context. Small
+// blocks waste little on the causal mask (keys after the block's last query are never
+// computed) and give the threads many (head, block) items to share.
+#define QBLOCK 64
 
 struct nm_engine {
     const nm_model *m;
     int max_tokens, pos;
     float *k_cache, *v_cache; // (L, max_tokens, nkv*hd)
     float *inv_freq;          // (hd/2)
+    float *rope_cs;           // (max_tokens, hd): cos then sin of position * inv_freq[i], i < hd/2
     // per-call activations, grown to the largest T seen
-    int cap;
+    int cap, nth;             // tokens and threads the activations were cut for
+    size_t score_stride;      // floats of score buffer per thread
     float *x, *xn, *q, *k, *v, *att, *moe_out, *scores, *patch_buf, *norm_last;
     nm_moe_workspace moe;
 };
@@ -38,6 +43,7 @@ void nm_engine_free(nm_engine *e) {
     free(e->k_cache);
     free(e->v_cache);
     free(e->inv_freq);
+    free(e->rope_cs);
     free(e);
 }
 
@@ -56,11 +62,21 @@ nm_status nm_engine_create(nm_engine **out, const nm_model *m, int max_tokens, n
     e->k_cache = malloc(n * sizeof(float));
     e->v_cache = malloc(n * sizeof(float));
     e->inv_freq = malloc((size_t)(c->head_dim / 2) * sizeof(float));
-    if (!e->k_cache || !e->v_cache || !e->inv_freq) {
+    e->rope_cs = malloc((size_t)max_tokens * c->head_dim * sizeof(float));
+    if (!e->k_cache || !e->v_cache || !e->inv_freq || !e->rope_cs) {
         nm_engine_free(e);
         return nm_fail(err, NM_ERR_NOMEM, "out of memory for a KV cache of %d tokens", max_tokens);
     }
-    for (int i = 0; i < c->head_dim / 2; i++) e->inv_freq[i] = (float)pow(c->rope_theta, -2.0 * i / c->head_dim);
+    const int half = c->head_dim / 2;
+    for (int i = 0; i < half; i++) e->inv_freq[i] = (float)pow(c->rope_theta, -2.0 * i / c->head_dim);
+    // The rotary angles of every position, once (the same values nm_rope_forward computes).
+    for (int p = 0; p < max_tokens; p++)
+        for (int i = 0; i < half; i++) {
+            // angle in double: positions up to 1e6 times frequencies up to 1 lose precision in float
+            double a = (double)p * e->inv_freq[i];
+            e->rope_cs[(size_t)p * c->head_dim + i] = (float)cos(a);
+            e->rope_cs[(size_t)p * c->head_dim + half + i] = (float)sin(a);
+        }
     *out = e;
     return NM_OK;
 }
@@ -70,7 +86,9 @@ int nm_engine_position(const nm_engine *e) { return e->pos; }
 int nm_engine_capacity(const nm_engine *e) { return e->max_tokens; }
 
 static nm_status reserve(nm_engine *e, int T, nm_error *err) {
-    if (T <= e->cap) return NM_OK;
+    const int nth = omp_get_max_threads();
+    if (T <= e->cap && nth == e->nth) return NM_OK;
+    if (T < e->cap) T = e->cap;
     free_acts(e);
     const nm_config *c = &e->m->cfg;
     size_t t = (size_t)T, D = (size_t)c->hidden_size, qd = (size_t)c->num_heads * c->head_dim,
@@ -83,7 +101,7 @@ static nm_status reserve(nm_engine *e, int T, nm_error *err) {
     e->v = malloc(t * kvd * sizeof(float));
     e->att = malloc(t * qd * sizeof(float));
     e->moe_out = malloc(t * D * sizeof(float));
-    e->scores = malloc(qb * (size_t)e->max_tokens * sizeof(float));
+    e->scores = malloc((size_t)nth * qb * (size_t)e->max_tokens * sizeof(float)); // one per thread
     e->patch_buf = malloc(t * pp * sizeof(float));
     e->norm_last = malloc(t * D * sizeof(float));
     if (!e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->moe_out || !e->scores || !e->patch_buf ||
@@ -92,6 +110,8 @@ static nm_status reserve(nm_engine *e, int T, nm_error *err) {
         return nm_fail(err, NM_ERR_NOMEM, "out of memory for activations of %d tokens", T);
     }
     e->cap = T;
+    e->nth = nth;
+    e->score_stride = qb * (size_t)e->max_tokens;
     return NM_OK;
 }
 
@@ -128,6 +148,24 @@ static void embed_forward(nm_engine *e, float *x, const int32_t *ids, const int3
     }
 }
 
+// Rotary embedding in place with the engine's table: the same arithmetic as nm_rope_forward
+// (half-split pairs (i, i + hd/2)). x: (T, n_heads*hd), token t at position pos0 + t.
+static void rope_apply(const nm_engine *e, float *x, int T, int n_heads, int pos0) {
+    const int hd = e->m->cfg.head_dim, half = hd / 2;
+    #pragma omp parallel for schedule(static) if ((size_t)T * n_heads * hd >= 65536)
+    for (int t = 0; t < T; t++) {
+        const float *cs = e->rope_cs + (size_t)(pos0 + t) * hd, *sn = cs + half;
+        for (int h = 0; h < n_heads; h++) {
+            float *v = x + ((size_t)t * n_heads + h) * hd;
+            for (int i = 0; i < half; i++) {
+                float x0 = v[i], x1 = v[i + half];
+                v[i] = x0 * cs[i] - x1 * sn[i];
+                v[i + half] = x1 * cs[i] + x0 * sn[i];
+            }
+        }
+    }
+}
+
 // Causal GQA attention for T new tokens at positions pos0.. against the cache of layer l.
 // xn: (T, D) normalised input; writes x += o_proj(attention).
 static void attention_forward(nm_engine *e, int l, float *x, const float *xn, int T, int pos0) {
@@ -138,31 +176,36 @@ static void attention_forward(nm_engine *e, int l, float *x, const float *xn, in
     nm_matmul_forward(e->q, xn, w->wq, T, D, qd, 0.0f);
     nm_matmul_forward(e->k, xn, w->wk, T, D, kvd, 0.0f);
     nm_matmul_forward(e->v, xn, w->wv, T, D, kvd, 0.0f);
-    nm_rope_forward(e->q, T, nh, hd, pos0, e->inv_freq);
-    nm_rope_forward(e->k, T, nkv, hd, pos0, e->inv_freq);
+    rope_apply(e, e->q, T, nh, pos0);
+    rope_apply(e, e->k, T, nkv, pos0);
     float *kc = e->k_cache + (size_t)l * e->max_tokens * kvd, *vc = e->v_cache + (size_t)l * e->max_tokens * kvd;
     memcpy(kc + (size_t)pos0 * kvd, e->k, (size_t)T * kvd * sizeof(float));
     memcpy(vc + (size_t)pos0 * kvd, e->v, (size_t)T * kvd * sizeof(float));
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int h = 0; h < nh; h++) {
-        const int kh = h / group;
-        for (int t0 = 0; t0 < T; t0 += QBLOCK) {
-            const int tb = T - t0 < QBLOCK ? T - t0 : QBLOCK;
+    // Work items: (query block, head), the biggest blocks (latest queries) first. Each item
+    // computes its own rows of att with single-threaded BLAS (OpenBLAS's OpenMP build stays
+    // on one thread inside a parallel region) in its thread's score buffer.
+    const int nblk = (T + QBLOCK - 1) / QBLOCK, n_items = nblk * nh;
+    #pragma omp parallel num_threads(e->nth) if (n_items > 1 && (size_t)T * (pos0 + T) >= 4096)
+    {
+        float *scores = e->scores + (size_t)omp_get_thread_num() * e->score_stride;
+        #pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < n_items; it++) {
+            const int b = nblk - 1 - it / nh, h = it % nh, kh = h / group;
+            const int t0 = b * QBLOCK, tb = T - t0 < QBLOCK ? T - t0 : QBLOCK;
             const int ctx = pos0 + t0 + tb; // keys visible to the last query of the block
             // scores: (tb, ctx) = Q_h (tb, hd) K_h^T (hd, ctx) * scale
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tb, ctx, hd, scale, e->q + (size_t)t0 * qd + h * hd, qd,
-                        kc + kh * hd, kvd, 0.0f, e->scores, ctx);
-            #pragma omp parallel for schedule(static) if (tb * ctx > 16384)
+                        kc + kh * hd, kvd, 0.0f, scores, ctx);
             for (int i = 0; i < tb; i++) {
-                float *row = e->scores + (size_t)i * ctx;
+                float *row = scores + (size_t)i * ctx;
                 int visible = pos0 + t0 + i + 1; // causal: keys 0..pos
-                for (int j = visible; j < ctx; j++) row[j] = -INFINITY;
                 nm_softmax_row(row, visible);
-                for (int j = visible; j < ctx; j++) row[j] = 0.0f;
+                memset(row + visible, 0, (size_t)(ctx - visible) * sizeof *row);
             }
             // out: (tb, hd) = P (tb, ctx) V_h (ctx, hd)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tb, hd, ctx, 1.0f, e->scores, ctx, vc + kh * hd, kvd,
-                        0.0f, e->att + (size_t)t0 * qd + h * hd, qd);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tb, hd, ctx, 1.0f, scores, ctx, vc + kh * hd, kvd, 0.0f,
+                        e->att + (size_t)t0 * qd + h * hd, qd);
         }
     }
     nm_matmul_forward(x, e->att, w->wo, T, qd, D, 1.0f); // residual: x += o_proj(att)
@@ -204,7 +247,12 @@ nm_status nm_engine_forward(nm_engine *e, const int32_t *ids, const int32_t *pat
             rp = &r;
         }
         if ((s = nm_moe_forward(e->moe_out, xn, &w->moe, &c->moe, T, D, &e->moe, rp, err)) != NM_OK) return s;
-        for (size_t i = 0; i < (size_t)T * D; i++) x[i] += e->moe_out[i];
+        #pragma omp parallel for schedule(static) if ((size_t)T * D >= 65536)
+        for (int t = 0; t < T; t++) { // residual
+            float *xr = x + (size_t)t * D;
+            const float *mr = e->moe_out + (size_t)t * D;
+            for (int d = 0; d < D; d++) xr[d] += mr[d];
+        }
     }
     if (logits) {
         int first = all_logits ? 0 : T - 1, n = all_logits ? T : 1;

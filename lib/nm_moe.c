@@ -139,16 +139,21 @@ static void route_token(const nm_routing *r, const float *zt, size_t t, int N, i
     for (int k = 0; k < K; k++) gate[k] = (slot[k] >= 0 || copy) ? (float)(eg[k] / gs) : 0.0f;
 }
 
-void moe_route_null(const nm_routing *r, const float *z, int T, const nm_moe_config *mc) {
+// Routes tokens [t0, t1) (logits z of all tokens).
+static void route_range(const nm_routing *r, const float *z, int t0, int t1, const nm_moe_config *mc) {
     const int N = mc->num_experts, M = mc->null_copies, K = mc->top_k;
     const int copy = mc->null_kind == NM_NULL_COPY, isa = nm_isa();
+    int order[K]; // selected real experts in descending logit, ties to the lower id
+    double eg[K];
+    for (int t = t0; t < t1; t++) route_token(r, z + (size_t)t * (N + 1), (size_t)t, N, M, K, copy, isa, order, eg);
+}
+
+void moe_route_null(const nm_routing *r, const float *z, int T, const nm_moe_config *mc) {
     // Tokens are independent: each thread routes a fixed block of them.
     #pragma omp parallel if (T >= 64)
     {
-        int order[K]; // selected real experts in descending logit, ties to the lower id
-        double eg[K];
-        #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) route_token(r, z + (size_t)t * (N + 1), (size_t)t, N, M, K, copy, isa, order, eg);
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        route_range(r, z, (int)((long long)T * id / nt), (int)((long long)T * (id + 1) / nt), mc);
     }
 }
 
@@ -381,6 +386,28 @@ static void expert_task(int isa, float *scr, float *out, const float *y, const n
         }
 }
 
+// o += rows[0] + rows[1] + ... (added in this order to every element)
+#ifdef NM_X86
+static NM_AVX512 void add_rows512(float *o, const float *const *rows, int n, int D) {
+    for (int d = 0; d < D; d += 16) {
+        const __mmask16 m = nm_mask512((size_t)(D - d));
+        __m512 v = _mm512_maskz_loadu_ps(m, o + d);
+        for (int j = 0; j < n; j++) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, rows[j] + d));
+        _mm512_mask_storeu_ps(o + d, m, v);
+    }
+}
+#endif
+
+static void add_rows(int isa, float *o, const float *const *rows, int n, int D) {
+    if (n == 0) return;
+#ifdef NM_X86
+    if (isa == NM_ISA_AVX512) return add_rows512(o, rows, n, D);
+#endif
+    (void)isa;
+    for (int j = 0; j < n; j++)
+        for (int d = 0; d < D; d++) o[d] += rows[j][d];
+}
+
 // ---- the layer ----
 
 nm_status nm_moe_forward(float *out, const float *y, const nm_moe_weights *w, const nm_moe_config *mc, int T, int D,
@@ -394,9 +421,15 @@ nm_status nm_moe_forward(float *out, const float *y, const nm_moe_weights *w, co
     nm_routing local = {ws->n_real, ws->slot, ws->prob, ws->gate, ws->null_mass, ws->lse};
     const nm_routing *r = routing ? routing : &local;
 
-    // 1. router logits z = y Wr^T: (T, N+1), then the routing decision
-    nm_matmul_forward(ws->logits, y, w->router, T, D, N + 1, 0.0f);
-    moe_route_null(r, ws->logits, T, mc);
+    // 1. router logits z = y Wr^T: (T, N+1), then the routing decision; each thread does both
+    //    for its own block of tokens (single-threaded BLAS inside the parallel region)
+    #pragma omp parallel num_threads(nth) if (T >= 64)
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int t0 = (int)((long long)T * id / nt), t1 = (int)((long long)T * (id + 1) / nt);
+        nm_matmul_forward(ws->logits + (size_t)t0 * (N + 1), y + (size_t)t0 * D, w->router, t1 - t0, D, N + 1, 0.0f);
+        route_range(r, ws->logits, t0, t1, mc);
+    }
 
     // 2. dispatch: count rows per expert, prefix sum, then place each real slot; tokens keep
     //    their order inside an expert's block. Null slots get no row: they are cut here.
@@ -466,27 +499,34 @@ nm_status nm_moe_forward(float *out, const float *y, const nm_moe_weights *w, co
     #pragma omp parallel for schedule(static) if ((size_t)T * D >= 32768)
     for (int t = 0; t < T; t++) {
         float *o = out + (size_t)t * D;
-        int first = Hs == 0, k = 0;
-        if (direct) {
-            if (r->n_real[t] == 0) {
+        const int32_t *sr = ws->slot_row + (size_t)t * K;
+        if (!copy) { // out holds the shared expert or (direct) the first real row already
+            if (Hs == 0 && r->n_real[t] == 0) {
                 memset(o, 0, (size_t)D * sizeof *o);
                 continue;
             }
-            while (ws->slot_row[(size_t)t * K + k] < 0) k++;
-            k++, first = 0; // that row is in place
+            const float *rows[K];
+            int n = 0, k = 0;
+            if (direct)
+                while (sr[k++] < 0) {}
+            for (; k < K; k++)
+                if (sr[k] >= 0) rows[n++] = ws->yout + (size_t)sr[k] * D;
+            add_rows(isa, o, rows, n, D);
+            continue;
         }
-        for (; k < K; k++) {
+        int first = Hs == 0;
+        for (int k = 0; k < K; k++) {
             size_t i = (size_t)t * K + k;
-            int row = ws->slot_row[i];
+            int row = sr[k];
             if (row >= 0) {
                 const float *src = ws->yout + (size_t)row * D;
                 if (first) memcpy(o, src, (size_t)D * sizeof *o);
                 else for (int d = 0; d < D; d++) o[d] += src[d];
-            } else if (copy) {
+            } else {
                 const float g = r->gate[i], *src = y + (size_t)t * D;
                 if (first) for (int d = 0; d < D; d++) o[d] = g * src[d];
                 else for (int d = 0; d < D; d++) o[d] += g * src[d];
-            } else continue;
+            }
             first = 0;
         }
         if (first) memset(o, 0, (size_t)D * sizeof *o);

@@ -68,7 +68,8 @@ void nm_matmul_forward(float *out, const float *x, const float *w, int T, int in
 }
 
 void nm_rmsnorm_forward(float *out, const float *x, const float *w, int T, int D, float eps) {
-    // x, out: (T, D)  w: (D)
+    // x, out: (T, D)  w: (D). Rows are independent (each in a fixed order): threads split them.
+    #pragma omp parallel for schedule(static) if ((size_t)T * D >= 65536)
     for (int t = 0; t < T; t++) {
         const float *xr = x + (size_t)t * D;
         float *o = out + (size_t)t * D;
@@ -80,8 +81,9 @@ void nm_rmsnorm_forward(float *out, const float *x, const float *w, int T, int D
 }
 
 void nm_rope_forward(float *x, int T, int n_heads, int hd, int pos0, const float *inv_freq) {
-    // x: (T, n_heads*hd)
+    // x: (T, n_heads*hd); tokens are independent: threads split them
     int half = hd / 2;
+    #pragma omp parallel for schedule(static) if ((size_t)T * n_heads * hd >= 65536)
     for (int t = 0; t < T; t++) {
         double pos = pos0 + t;
         for (int i = 0; i < half; i++) {
@@ -110,14 +112,30 @@ void nm_swiglu_forward(float *out, const float *g, const float *u, size_t n) {
     }
 }
 
+#ifdef NM_X86
+static AVX512 void softmax512(float *x, int n) {
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    for (int i = 0; i < n; i += 16) // max(x, m) keeps m where x is NaN, as the scalar loop does
+        vmx = _mm512_max_ps(_mm512_mask_loadu_ps(vmx, nm_mask512((size_t)(n - i)), x + i), vmx);
+    const float mx = _mm512_reduce_max_ps(vmx);
+    const __m512 inv = _mm512_set1_ps((float)(1.0 / expsum512(x, n, mx)));
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = nm_mask512((size_t)(n - i));
+        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+    }
+}
+#endif
+
 void nm_softmax_row(float *x, int n) {
+#ifdef NM_X86
+    int isa = nm_isa();
+    if (isa == NM_ISA_AVX512) return softmax512(x, n);
+#endif
     float mx = -INFINITY;
     for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     double s = 0.0;
 #ifdef NM_X86
-    int isa = nm_isa();
-    if (isa == NM_ISA_AVX512) s = expsum512(x, n, mx);
-    else if (isa == NM_ISA_AVX2) s = expsum256(x, n, mx);
+    if (isa == NM_ISA_AVX2) s = expsum256(x, n, mx);
     else
 #endif
         for (int i = 0; i < n; i++) {
