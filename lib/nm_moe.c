@@ -322,10 +322,16 @@ static int grow(void *pp, size_t *cap, size_t bytes) {
 // thread's tiles stay in its L2 and big experts spread over both threads.
 #define CHUNK 128
 
+// Per-thread scratch: an expert's xt, gt, ut, yt tiles, or the router's xt and logits tiles.
+static size_t scratch_floats(const nm_moe_config *mc, int D) {
+    const size_t e = 2 * (size_t)D + 2 * (size_t)mc->expert_hidden, r = (size_t)D + mc->num_experts + 1;
+    return (size_t)CHUNK * (e > r ? e : r);
+}
+
 static nm_status workspace_reserve(nm_moe_workspace *ws, const nm_moe_config *mc, int T, int D, int nth, nm_error *err) {
-    const size_t N = (size_t)mc->num_experts, K = (size_t)mc->top_k, H = (size_t)mc->expert_hidden,
+    const size_t N = (size_t)mc->num_experts, K = (size_t)mc->top_k,
                  Hs = (size_t)mc->shared_expert_hidden, t = (size_t)T, f = sizeof(float), i4 = sizeof(int32_t);
-    const size_t scratch = (size_t)nth * CHUNK * (2 * (size_t)D + 2 * H) * f;
+    const size_t scratch = (size_t)nth * scratch_floats(mc, D) * f;
     int ok = grow(&ws->logits, &ws->cap[0], t * (N + 1) * f) && grow(&ws->yout, &ws->cap[1], t * K * D * f) &&
              grow(&ws->shared_h, &ws->cap[2], 2 * t * Hs * f) && grow(&ws->scratch, &ws->cap[3], scratch) &&
              grow(&ws->row_slot, &ws->cap[4], t * K * i4) && grow(&ws->slot_row, &ws->cap[5], t * K * i4) &&
@@ -344,6 +350,19 @@ static nm_status workspace_reserve(nm_moe_workspace *ws, const nm_moe_config *mc
 
 // ---- one work item: rows [o, o + c) of expert e ----
 
+// xt (D, cp): xt[d][i] = src[i][d], zeros for c <= i < cp (the inputs as columns).
+static void gather_cols(int isa, float *xt, int cp, const float *const *src, int c, int D) {
+#ifdef NM_X86
+    if (isa == NM_ISA_AVX512 && D % 16 == 0) return gather_t512(xt, cp, src, c, D);
+#endif
+    (void)isa;
+    for (int d0 = 0; d0 < D; d0 += 16) { // 16 features at a time keep the written lines in L1
+        const int d1 = d0 + 16 < D ? d0 + 16 : D;
+        for (int i = 0; i < cp; i++)
+            for (int d = d0; d < d1; d++) xt[(size_t)d * cp + i] = i < c ? src[i][d] : 0.0f;
+    }
+}
+
 // Rows whose output goes straight to `out` (the first real slot of its token, when nothing
 // else is summed before it) are marked in row_slot with this bit.
 #define DIRECT_BIT (1 << 30)
@@ -360,16 +379,7 @@ static void expert_task(int isa, float *scr, float *out, const float *y, const n
         dst[i] = v & DIRECT_BIT ? out + (size_t)t * D : ws->yout + (size_t)(o + i) * D;
         g[i] = r->gate[slot];
     }
-    // gather, transposed: xt (D, cp)
-#ifdef NM_X86
-    if (isa == NM_ISA_AVX512 && D % 16 == 0) gather_t512(xt, cp, src, c, D);
-    else
-#endif
-        for (int d0 = 0; d0 < D; d0 += 16) { // 16 features at a time keep the written lines in L1
-            const int d1 = d0 + 16 < D ? d0 + 16 : D;
-            for (int i = 0; i < cp; i++)
-                for (int d = d0; d < d1; d++) xt[(size_t)d * cp + i] = i < c ? src[i][d] : 0.0f;
-        }
+    gather_cols(isa, xt, cp, src, c, D);
     expert_gemm(isa, gt, w->gate + (size_t)e * H * D, H, D, xt, cp);
     expert_gemm(isa, ut, w->up + (size_t)e * H * D, H, D, xt, cp);
     nm_swiglu_forward(gt, gt, ut, (size_t)H * cp);
@@ -422,13 +432,32 @@ nm_status nm_moe_forward(float *out, const float *y, const nm_moe_weights *w, co
     const nm_routing *r = routing ? routing : &local;
 
     // 1. router logits z = y Wr^T: (T, N+1), then the routing decision; each thread does both
-    //    for its own block of tokens (single-threaded BLAS inside the parallel region)
+    //    for its own block of tokens. With SIMD the logits come from the expert kernel on
+    //    CHUNK tokens at a time (inputs gathered as columns), so each token's logits are the
+    //    same sums whatever T is (prefill and decode route alike); otherwise from BLAS.
+    const size_t scr_floats = scratch_floats(mc, D);
     #pragma omp parallel num_threads(nth) if (T >= 64)
     {
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
         const int t0 = (int)((long long)T * id / nt), t1 = (int)((long long)T * (id + 1) / nt);
-        nm_matmul_forward(ws->logits + (size_t)t0 * (N + 1), y + (size_t)t0 * D, w->router, t1 - t0, D, N + 1, 0.0f);
-        route_range(r, ws->logits, t0, t1, mc);
+        if (isa == NM_ISA_GENERIC) {
+            nm_matmul_forward(ws->logits + (size_t)t0 * (N + 1), y + (size_t)t0 * D, w->router, t1 - t0, D, N + 1, 0.0f);
+            route_range(r, ws->logits, t0, t1, mc);
+        } else {
+            float *xt = ws->scratch + (size_t)id * scr_floats, *zt = xt + (size_t)D * CHUNK;
+            const float *src[CHUNK];
+            for (int c0 = t0; c0 < t1; c0 += CHUNK) {
+                const int c = t1 - c0 < CHUNK ? t1 - c0 : CHUNK, cp = (c + 7) / 8 * 8;
+                for (int i = 0; i < c; i++) src[i] = y + (size_t)(c0 + i) * D;
+                gather_cols(isa, xt, cp, src, c, D);
+                expert_gemm(isa, zt, w->router, N + 1, D, xt, cp);
+                for (int i = 0; i < c; i++) {
+                    float *zr = ws->logits + (size_t)(c0 + i) * (N + 1);
+                    for (int j = 0; j <= N; j++) zr[j] = zt[(size_t)j * cp + i];
+                }
+                route_range(r, ws->logits, c0, c0 + c, mc);
+            }
+        }
     }
 
     // 2. dispatch: count rows per expert, prefix sum, then place each real slot; tokens keep
@@ -482,7 +511,6 @@ nm_status nm_moe_forward(float *out, const float *y, const nm_moe_weights *w, co
         }
         memcpy(tasks, sorted, 3 * (size_t)n_tasks * sizeof *tasks);
     }
-    const size_t scr_floats = (size_t)CHUNK * (2 * (size_t)D + 2 * H);
     #pragma omp parallel num_threads(nth) if (n_tasks > 1)
     {
         float *scr = ws->scratch + (size_t)omp_get_thread_num() * scr_floats;
