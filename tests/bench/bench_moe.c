@@ -2,15 +2,26 @@
 // in this one run (never an absolute-time assert). Prints a table with PASS/FAIL per item and
 // exits 0 whatever the outcome: it reports, it does not test.
 //
+//   make bench [BENCH_ARGS="--reps 15"]       (runs build/bench_moe with the settings below)
 //   build/bench_moe [--no-torch] [--reps N] [--only moe|trace|torch|prefill]
 //
 // Reference shape: one MoE layer, D = 512, H = 256, N = 64 SwiGLU experts, no shared expert,
-// F32, both cores. K^k_rho = top-k with M = N(1-rho)/rho null copies.
+// F32, both cores. K^k_rho = top-k with M = N(1-rho)/rho null copies. Times are medians of
+// --reps runs after 2 warm-ups; cases compared with each other run interleaved (round robin).
 //
 // Routing: a random router puts only a few % of slots on nulls (FINDINGS.md), so the inputs
 // carry a constant feature (column D-1 = 1) that only the null row of the router reads: its
 // weight there is a bias b on the null logit. b is set per config by bisection so that the
 // share of null slots on these inputs is 1 - rho; the achieved share is printed.
+//
+// Sections: (moe) the five configs at T = 2048 and 256, and cblas_sgemm 2048^3 in the same
+// rounds for the floor; (trace) nm_moe_forward with routing written into a trace sample vs
+// the workspace, and bitwise repeatability; (torch) tests/bench/torch_alg1.py as a server,
+// taking turns with nullmap; (prefill) a 4-layer model, 1000 tokens in one call vs one by
+// one, and the engine with/without a trace. Threads: OMP_NUM_THREADS=2 with libgomp's default
+// wait policy for nullmap (Makefile BENCH_ENV explains why); PyTorch gets 2 threads and
+// OMP_WAIT_POLICY=PASSIVE (its best setting here, FINDINGS.md). Each section prints how much
+// of the machine other processes used meanwhile: the bench shares its two cores.
 #define _GNU_SOURCE
 #include <cblas.h>
 #include <math.h>
