@@ -96,6 +96,13 @@ TEST_ENV := OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE $(if $(filter 1,$(SAN)),$(
 test: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/run_tests
 	$(TEST_ENV) NULLMAP=$(NULLMAP) $(BUILD)/run_tests
+	@# the numeric kernels have AVX-512, AVX2 and portable paths chosen at run time: test each
+	NM_ISA=avx2 $(TEST_ENV) NULLMAP=$(NULLMAP) CK_RUN_SUITE=fixtures $(BUILD)/run_tests
+	NM_ISA=avx2 $(TEST_ENV) NULLMAP=$(NULLMAP) CK_RUN_SUITE=router $(BUILD)/run_tests
+	NM_ISA=avx2 $(TEST_ENV) NULLMAP=$(NULLMAP) CK_RUN_SUITE=engine $(BUILD)/run_tests
+	NM_ISA=generic $(TEST_ENV) NULLMAP=$(NULLMAP) CK_RUN_SUITE=fixtures $(BUILD)/run_tests
+	NM_ISA=generic $(TEST_ENV) NULLMAP=$(NULLMAP) CK_RUN_SUITE=router $(BUILD)/run_tests
+	NM_ISA=generic $(TEST_ENV) NULLMAP=$(NULLMAP) CK_RUN_SUITE=engine $(BUILD)/run_tests
 	$(TEST_ENV) NULLMAP=$(NULLMAP) tests/cli_test.sh
 ifeq ($(SAN),0)
 	tests/install_test.sh
@@ -138,7 +145,7 @@ install: all
 	install -m 755 $(NULLMAP) $(DESTDIR)$(PREFIX)/bin/nullmap
 	install -m 644 $(BUILD)/libnullmap.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 755 $(BUILD)/libnullmap.so $(DESTDIR)$(PREFIX)/lib/
-	install -m 644 lib/*.h $(DESTDIR)$(PREFIX)/include/nullmap/
+	install -m 644 $(filter-out lib/nm_simd.h,$(wildcard lib/*.h)) $(DESTDIR)$(PREFIX)/include/nullmap/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_DIR@|$(BLAS_DIR)|' \
 	    lib/nullmap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/nullmap.pc
 

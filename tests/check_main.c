@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "nm_simd.h"
 #include "test_util.h"
 
 #define MAX_SUITES 64
@@ -23,6 +24,8 @@ int main(void) {
         fprintf(stderr, "check_main: no suites registered\n");
         return 2;
     }
+    static const char *isa_names[] = {"portable C", "AVX2", "AVX-512"};
+    printf("vector path: %s (NM_ISA=generic|avx2 selects a lower one)\n", isa_names[nm_isa()]);
     SRunner *sr = srunner_create(suites[0].make());
     for (int i = 1; i < n_suites; i++) srunner_add_suite(sr, suites[i].make());
     srunner_run_all(sr, CK_NORMAL);
