@@ -3,7 +3,8 @@
 # when every package is already installed. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 pkgs=(build-essential pkg-config libhdf5-dev hdf5-tools libcairo2-dev libpng-dev libjpeg-dev
-      check libsubunit-dev libopenblas-dev libopenblas0-openmp libjansson-dev valgrind)
+      check libsubunit-dev libopenblas-dev libopenblas0-openmp libjansson-dev valgrind
+      fonts-dejavu-core)
 # Optional extras: the PyTorch fixture generator and the bench's PyTorch baseline.
 if [[ "${NULLMAP_WITH_TORCH:-0}" == 1 ]]; then pkgs+=(python3-torch python3-numpy python3-h5py); fi
 missing=()
