@@ -18,6 +18,7 @@ static const char *USAGE =
     "  batch   run many image/prompt pairs (a TSV list) into one trace, with a progress bar\n"
     "  info    describe a model directory or a trace file\n"
     "  init    write a seeded random model from a config.json\n"
+    "  report  tables of the compute metrics of one or more traces (report.md/.json/.csv)\n"
     "\n"
     "  nullmap <command> --help   options of a command\n"
     "  nullmap --version          version and backends\n"
@@ -43,6 +44,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "batch")) return cmd_batch(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
     if (!strcmp(cmd, "init")) return cmd_init(argc - 1, argv + 1);
+    if (!strcmp(cmd, "report")) return cmd_report(argc - 1, argv + 1);
     fprintf(stderr, "nullmap: unknown command '%s'\n\n%s", cmd, USAGE);
     return EXIT_USAGE;
 }

@@ -1,0 +1,154 @@
+// cmd_report.c — `nullmap report`: report.md / report.json / report.csv from one or more traces.
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "nm_fileutil.h"
+#include "nm_report.h"
+
+static const char *HELP =
+    "usage: nullmap report TRACE.h5 [TRACE2.h5 ...] --out DIR [--per-sample] [--force]\n"
+    "\n"
+    "Computes the compute metrics of every trace (over all its samples, token-weighted: every token\n"
+    "counts once) and writes them to DIR (created if missing):\n"
+    "  report.md    tables to read: by modality, by layer, by segment, polarization; with several\n"
+    "               traces (e.g. a sparsity sweep) a comparison table, one row per trace\n"
+    "  report.json  the same numbers for programs, with a \"definitions\" object\n"
+    "  report.csv   one row per trace x layer x modality (columns described in report.md)\n"
+    "Prints the comparison table. Traces written by other programs are read too, if they follow the\n"
+    "schema in README.md.\n"
+    "\n"
+    "  --out DIR       output directory                                   (required)\n"
+    "  --per-sample    add per-sample sections (md), entries (json) and rows (csv)\n"
+    "  --force         replace existing DIR/report.* files (other files in DIR are never touched)\n"
+    "\n"
+    "Values that do not exist (a mean over no tokens, the compute distribution when every token\n"
+    "has compute 0) are written as n/a or undefined (md), null (json), an empty cell (csv), never 0.\n"
+    "The three files are written together: on any error none of them is left behind.\n";
+
+static const char *REPORT_FILES[] = {"report.md", "report.json", "report.csv"};
+
+// Chart hook: the pictures of DESIGN.md §6 that belong with the report (modality chart,
+// polarization histogram, zero-compute vs null-slot ratio across traces) go here, written into
+// `dir` next to report.* once the viz/ renderers land. It runs after every trace is loaded and
+// before report.* are written; on failure it must remove what it wrote, and cmd_report removes
+// the directories it created. Returns NM_OK with nothing to do for now.
+static nm_status render_charts(const nm_report_trace *r, int n, const char *dir, int force, nm_error *err) {
+    (void)r, (void)n, (void)dir, (void)force, (void)err;
+    return NM_OK;
+}
+
+static void progress_cb(void *ctx, int done, int total) { cli_progress_step(ctx, done); (void)total; }
+
+static void cell(double v, const char *undef) {
+    if (isnan(v)) printf(" %10s", undef);
+    else printf(" %10.4f", v);
+}
+
+// The comparison table (one row per trace) on stdout.
+static void print_summary(const nm_report_trace *r, int n) {
+    printf("%3s %4s %7s %8s %8s %10s %10s %10s %10s %10s %10s  %s\n", "#", "K", "rho", "samples", "tokens",
+           "null-slot", "zero-comp", "vision-i", "text-i", "vision-c", "text-c", "trace");
+    for (int i = 0; i < n; i++) {
+        const nm_metrics *m = &r[i].agg;
+        const nm_config *c = &r[i].info.cfg;
+        printf("%3d %4d %7.4f %8d %8lld", i + 1, c->moe.top_k, nm_config_rho(c), r[i].n_samples,
+               m->n_tokens[NM_MOD_ALL]);
+        cell(m->null_slot_ratio, "-");
+        cell(m->zero_compute_ratio, "-");
+        cell(m->intensity[NM_MOD_VISION], "-");
+        cell(m->intensity[NM_MOD_TEXT], "-");
+        const char *undef = m->n_tokens[NM_MOD_ALL] ? "undefined" : "-";
+        cell(m->compute_share[NM_MOD_VISION], undef);
+        cell(m->compute_share[NM_MOD_TEXT], undef);
+        printf("  ");
+        cli_print_text(stdout, r[i].path);
+        printf("\n");
+    }
+    printf("null-slot = null slot ratio, zero-comp = zero-compute ratio, -i = compute intensity, -c = compute\n"
+           "share ('-' = no such tokens; undefined = every token has compute 0)\n");
+}
+
+int cmd_report(int argc, char **argv) {
+    const char *out = NULL;
+    int per_sample = 0, force = 0;
+    static const struct option opts[] = {{"out", 1, 0, 'o'},
+                                         {"per-sample", 0, 0, 's'},
+                                         {"force", 0, 0, 'f'},
+                                         {"help", 0, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    optind = 1;
+    opterr = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'o': out = optarg; break;
+        case 's': per_sample = 1; break;
+        case 'f': force = 1; break;
+        case 'h': fputs(HELP, stdout); return EXIT_OK;
+        default: return cli_usage_error("report", "unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    int n = argc - optind;
+    char **paths = argv + optind;
+    if (n < 1) return cli_usage_error("report", "at least one TRACE.h5 is required");
+    if (!out || !*out) return cli_usage_error("report", "--out DIR is required");
+
+    // Cheap checks first, so that a mistake fails before any trace is read.
+    for (int i = 0; i < n; i++)
+        if (!nm_path_exists(paths[i])) {
+            fprintf(stderr, "nullmap report: error: %s: no such file or directory\n", paths[i]);
+            return EXIT_IO;
+        }
+    if (nm_path_exists(out) && !nm_is_dir(out)) {
+        fprintf(stderr, "nullmap report: error: %s: exists and is not a directory\n", out);
+        return EXIT_IO;
+    }
+    if (!force)
+        for (size_t i = 0; i < sizeof REPORT_FILES / sizeof REPORT_FILES[0]; i++) {
+            char *p = nm_path_join(out, REPORT_FILES[i]);
+            int exists = p && nm_path_exists(p);
+            if (exists) fprintf(stderr, "nullmap report: error: %s already exists (use --force to replace it)\n", p);
+            free(p);
+            if (exists) return EXIT_IO;
+        }
+
+    nm_error err = {0};
+    nm_report_trace *r = calloc((size_t)n, sizeof *r);
+    char *created_top = NULL;
+    int rc = EXIT_OK, loaded = 0;
+    if (!r) {
+        fprintf(stderr, "nullmap report: error: out of memory\n");
+        return EXIT_INTERNAL;
+    }
+    for (; loaded < n; loaded++) {
+        nm_trace_info info;
+        if (nm_trace_read_info(&info, paths[loaded], &err) != NM_OK) goto fail;
+        cli_progress bar;
+        int show = info.num_samples >= 50; // small traces load in a blink
+        if (show) cli_progress_start(&bar, info.num_samples, "samples");
+        nm_status s = nm_report_trace_load(&r[loaded], paths[loaded], per_sample, show ? progress_cb : NULL, &bar, &err);
+        if (show) cli_progress_end(&bar);
+        if (s != NM_OK) goto fail;
+    }
+    created_top = nm_first_missing_dir(out);
+    if (nm_mkdir_p(out, &err) != NM_OK) goto fail;
+    if (render_charts(r, n, out, force, &err) != NM_OK) goto fail;
+    if (nm_report_write_dir(r, n, out, force, &err) != NM_OK) goto fail;
+
+    print_summary(r, n);
+    printf("wrote %s/report.md, report.json, report.csv\n", out);
+    goto done;
+fail:
+    rc = cli_report("report", &err);
+    if (created_top) nm_rmdir_up_to(out, created_top); // only the empty directories this run made
+done:
+    for (int i = 0; i < loaded && i < n; i++) nm_report_trace_free(&r[i]);
+    free(r);
+    free(created_top);
+    return rc;
+}
