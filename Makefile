@@ -133,6 +133,7 @@ BENCH_ENV := env -u OMP_WAIT_POLICY OMP_NUM_THREADS=2
 bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_moe
 	$(BENCH_ENV) $(BUILD)/bench_moe $(BENCH_ARGS)
+	$(BENCH_ENV) NULLMAP=$(NULLMAP) tests/bench/bench_render.sh
 
 $(BUILD)/bench_moe: $(BENCH_SRC) $(BUILD)/libnullmap.a
 	$(CC) $(CFLAGS_ALL) -o $@ $(BENCH_SRC) $(BUILD)/libnullmap.a $(LDLIBS_ALL)
@@ -145,7 +146,7 @@ install: all
 	install -m 755 $(NULLMAP) $(DESTDIR)$(PREFIX)/bin/nullmap
 	install -m 644 $(BUILD)/libnullmap.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 755 $(BUILD)/libnullmap.so $(DESTDIR)$(PREFIX)/lib/
-	install -m 644 $(filter-out lib/nm_simd.h,$(wildcard lib/*.h)) $(DESTDIR)$(PREFIX)/include/nullmap/
+	install -m 644 $(filter-out lib/nm_simd.h,$(wildcard lib/*.h)) $(wildcard viz/*.h) $(DESTDIR)$(PREFIX)/include/nullmap/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_DIR@|$(BLAS_DIR)|' \
 	    lib/nullmap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/nullmap.pc
 

@@ -11,8 +11,15 @@
 #include "nm_metrics.h"    // compute score, intensity, distributions, polarization
 #include "nm_model.h"      // model load/save/init, tensor table
 #include "nm_moe.h"        // the null-expert MoE layer and its router
+#include "nm_report.h"    // report.md / .json / .csv of one or more traces
 #include "nm_safetensors.h" // safetensors read/write, dtype conversions
 #include "nm_tokenizer.h"  // byte tokenizer, sequence layout
 #include "nm_trace.h"      // trace samples and HDF5 trace files
+
+// viz/: the cairo renderers
+#include "nm_charts.h"     // modality chart, polarization, zero-vs-null, per-layer strip
+#include "nm_overlay.h"    // per-layer compute-map overlays
+#include "nm_render.h"     // every picture of a sample or of traces, with the file names the tools use
+#include "nm_viz.h"        // canvases (PNG/SVG/PDF), colour maps, fonts
 
 #endif

@@ -138,6 +138,16 @@ for l in 0 1; do grep -qE "^ +$l +" "$LAST_OUT" || fail "no row for layer $l in 
 [ -s out/trace.h5 ] || fail "run did not write out/trace.h5"
 ls out | grep -q 'tmp' && fail "temporary files left in out/: $(ls out)"
 ok "run with an image: answer, vision/text, per-layer table, out/trace.h5"
+for f in overlay/layer_00.png overlay/layer_01.png overlay/mean.png report.md report.json report.csv \
+         modality.png polarization.png polarization_layers.png zero_vs_null.png layer_strip.png; do
+    [ -s "out/$f" ] || fail "run did not write out/$f"
+    case $f in *.png) head -c 8 "out/$f" | od -An -tx1 | grep -q "89 50 4e 47" || fail "out/$f is not a PNG";; esac
+done
+contains out/report.md "## Trace 1" "By modality" "By layer" "By segment" "Polarization"
+ok "run draws the overlays (per layer + mean), the charts and report.md/.json/.csv by default"
+expect 0 "$NULLMAP" run --model model --image "$IMAGE" --prompt "x" --max-new-tokens 1 --out plain --no-render
+[ "$(ls plain)" = trace.h5 ] || fail "--no-render wrote more than the trace: $(ls plain)"
+ok "run --no-render writes the trace only"
 [ "$(n_samples out/trace.h5)" = 1 ] || fail "info out/trace.h5 does not list 1 sample"
 ok "info TRACE lists 1 sample"
 
@@ -243,5 +253,24 @@ EOF
 else
     echo "# skip: /usr/bin/python3 with h5py and numpy not available — h5py checks skipped"
 fi
+
+# ---- render and report ----
+expect 0 "$NULLMAP" render out/trace.h5 --sample 0 --out again --format svg --cmap viridis --alpha 0.7
+for f in overlay/layer_00.svg overlay/mean.svg modality.svg layer_strip.svg; do
+    [ -s "again/$f" ] || fail "render did not write again/$f"
+done
+ok "render TRACE --sample 0 --format svg --cmap viridis: overlays and charts from an existing trace"
+expect 1 "$NULLMAP" render out/trace.h5 --sample 99 --out again2
+contains "$LAST_ERR" "--sample 99"
+[ ! -e again2 ] || fail "a failed render left again2/ behind"
+ok "render --sample out of range: clear error, nothing written"
+FOREIGN=$SRC/tests/fixtures/foreign_trace.h5
+expect 0 "$NULLMAP" render "$FOREIGN" --out foreign
+[ -s foreign/overlay/mean.png ] && [ -s foreign/modality.png ] || fail "render of the h5py-written trace is incomplete"
+ok "render a trace written by another program (h5py fixture)"
+expect 0 "$NULLMAP" report out/trace.h5 "$FOREIGN" --out cmp
+for f in report.md report.json report.csv modality.png zero_vs_null.png; do [ -s "cmp/$f" ] || fail "report did not write cmp/$f"; done
+contains cmp/report.md "## Comparison"
+ok "report over two traces: comparison tables and charts"
 
 echo "$passed passed, 0 failed"

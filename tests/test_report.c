@@ -817,7 +817,8 @@ START_TEST(test_cli) {
     ck_assert_ptr_nonnull(strstr(o, fp));
     free(o);
     snprintf(tmp, sizeof tmp, "%s/a/b", dir);
-    ck_assert_int_eq(dir_entries(tmp), 3);
+    ck_assert_int_eq(dir_entries(tmp), 8); // report.md/.json/.csv and the 5 charts
+    ck_assert(file_exists(tmp, "modality.png") && file_exists(tmp, "zero_vs_null.png"));
     char *md = read_text(nm_test_path(tmp, "report.md"));
     ck_assert_ptr_nonnull(strstr(md, "## Comparison"));
     ck_assert_ptr_nonnull(strstr(md, "#### Trace 2, sample 2"));
@@ -849,7 +850,7 @@ START_TEST(test_cli) {
     ck_assert_str_eq(md, md_after);
     free(md);
     free(md_after);
-    ck_assert_int_eq(dir_entries(tmp), 3);
+    ck_assert_int_eq(dir_entries(tmp), 8);
     nm_test_rmtree(dir);
     free(dir);
 }

@@ -6,6 +6,7 @@
 
 #include "nm_error.h"
 #include "nm_metrics.h"
+#include "nm_render.h"
 
 // Exit codes (documented in README.md and in `nullmap --help`).
 enum {
@@ -40,6 +41,13 @@ void cli_print_text(FILE *out, const char *s);
 // Prints the per-layer, per-modality compute table.
 void cli_print_summary(const nm_metrics *m, FILE *out);
 
+// Picture options shared by run, render and report: help text, and a parser for one option
+// (name without the dashes). Returns EXIT_OK, EXIT_USAGE (message printed) or -1 (not a
+// picture option).
+extern const char *CLI_RENDER_HELP;
+int cli_render_option(const char *cmd, const char *name, const char *value, nm_render_opts *o);
+
+int cmd_render(int argc, char **argv);
 int cmd_run(int argc, char **argv);
 int cmd_batch(int argc, char **argv);
 int cmd_info(int argc, char **argv);

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "nm_charts.h"
+#include "nm_render.h"
 #include "nm_fileutil.h"
 #include "nm_report.h"
 
@@ -32,14 +34,30 @@ static const char *HELP =
 
 static const char *REPORT_FILES[] = {"report.md", "report.json", "report.csv"};
 
-// Chart hook: the pictures of DESIGN.md §6 that belong with the report (modality chart,
-// polarization histogram, zero-compute vs null-slot ratio across traces) go here, written into
-// `dir` next to report.* once the viz/ renderers land. It runs after every trace is loaded and
-// before report.* are written; on failure it must remove what it wrote, and cmd_report removes
-// the directories it created. Returns NM_OK with nothing to do for now.
+// The charts of DESIGN.md §6 that belong with the report (modality chart, polarization
+// histograms, zero-compute vs null-slot ratio across traces, per-layer strip), written into
+// `dir` next to report.*. On failure the charts already written are removed.
+static const char *CHART_NAMES[] = {"modality", "polarization", "polarization_layers", "zero_vs_null", "layer_strip"};
+
 static nm_status render_charts(const nm_report_trace *r, int n, const char *dir, int force, nm_error *err) {
-    (void)r, (void)n, (void)dir, (void)force, (void)err;
-    return NM_OK;
+    (void)force; // chart files are regenerated pictures: replaced like report.* under --force
+    if (n > NM_CHART_MAX_SERIES) {
+        fprintf(stderr, "nullmap report: note: charts compare at most %d traces; %d given, charts skipped\n",
+                NM_CHART_MAX_SERIES, n);
+        return NM_OK;
+    }
+    nm_render_opts ro;
+    nm_render_opts_default(&ro);
+    nm_status s = nm_render_trace_charts(r, n, dir, &ro, err);
+    if (s != NM_OK)
+        for (size_t i = 0; i < sizeof CHART_NAMES / sizeof CHART_NAMES[0]; i++) {
+            char name[64];
+            snprintf(name, sizeof name, "%s.png", CHART_NAMES[i]);
+            char *p = nm_path_join(dir, name);
+            if (p) unlink(p);
+            free(p);
+        }
+    return s;
 }
 
 static void progress_cb(void *ctx, int done, int total) { cli_progress_step(ctx, done); (void)total; }

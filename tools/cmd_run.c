@@ -10,6 +10,8 @@
 #include "nm_generate.h"
 #include "nm_metrics.h"
 #include "nm_model.h"
+#include "nm_render.h"
+#include "nm_report.h"
 #include "nm_trace.h"
 
 static const char *HELP =
@@ -17,7 +19,10 @@ static const char *HELP =
     "\n"
     "Runs the model on an image (PNG or JPEG; optional) and a prompt, generates a greedy answer,\n"
     "prints the answer, the tokens per modality and each MoE layer's compute intensity, and writes\n"
-    "the routing of every token in every MoE layer to OUT/trace.h5.\n"
+    "  OUT/trace.h5                       the routing of every token in every MoE layer\n"
+    "  OUT/overlay/layer_00.png … mean.png  compute-map overlays of this sample, per layer and mean\n"
+    "  OUT/report.md, .json, .csv          the metrics of the whole trace (all its samples)\n"
+    "  OUT/modality.png, polarization.png, polarization_layers.png, zero_vs_null.png, layer_strip.png\n"
     "\n"
     "  --model DIR            model directory (config.json + model.safetensors)   (required)\n"
     "  --prompt TEXT          prompt text, UTF-8                                  (required)\n"
@@ -27,6 +32,8 @@ static const char *HELP =
     "  --append               add this sample to an existing OUT/trace.h5\n"
     "  --force                replace an existing OUT/trace.h5\n"
     "  --quiet                print only the answer\n"
+    "  --no-render            write the trace only: no pictures, no report\n"
+    "%s"
     "\n"
     "An existing trace is never modified in place: the new file is written beside it and renamed\n"
     "over it only when complete, so an interrupted run leaves the old trace intact.\n";
@@ -36,11 +43,15 @@ int cmd_run(int argc, char **argv) {
     int max_new = 16, append = 0, force = 0, quiet = 0;
     static const struct option opts[] = {
         {"model", 1, 0, 'm'}, {"prompt", 1, 0, 'p'}, {"image", 1, 0, 'i'}, {"out", 1, 0, 'o'},  {"max-new-tokens", 1, 0, 'n'},
-        {"append", 0, 0, 'a'}, {"force", 0, 0, 'f'}, {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"append", 0, 0, 'a'}, {"force", 0, 0, 'f'}, {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'}, {"no-render", 0, 0, 'N'},
+        {"format", 1, 0, 'R'}, {"cmap", 1, 0, 'R'}, {"alpha", 1, 0, 'R'}, {"width", 1, 0, 'R'}, {0, 0, 0, 0}};
+    int render = 1, li;
+    nm_render_opts ro;
+    nm_render_opts_default(&ro);
     optind = 1;
     opterr = 0;
     int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "h", opts, &li)) != -1) {
         switch (c) {
         case 'm': model_dir = optarg; break;
         case 'p': prompt = optarg; break;
@@ -53,7 +64,13 @@ int cmd_run(int argc, char **argv) {
         case 'a': append = 1; break;
         case 'f': force = 1; break;
         case 'q': quiet = 1; break;
-        case 'h': fputs(HELP, stdout); return EXIT_OK;
+        case 'N': render = 0; break;
+        case 'R': {
+            int rr = cli_render_option("run", opts[li].name, optarg, &ro);
+            if (rr != EXIT_OK) return rr;
+            break;
+        }
+        case 'h': printf(HELP, CLI_RENDER_HELP); return EXIT_OK;
         default: return cli_usage_error("run", "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
@@ -67,6 +84,8 @@ int cmd_run(int argc, char **argv) {
     nm_trace_file *tf = NULL;
     nm_trace_sample sample = {0};
     nm_metrics met = {0};
+    nm_report_trace rep = {0};
+    char *image_note = NULL;
     char *trace_path = nm_path_join(out, "trace.h5");
     int index = 0, rc = EXIT_OK;
     char *created_top = NULL; // the shallowest directory this run creates for --out
@@ -92,6 +111,17 @@ int cmd_run(int argc, char **argv) {
         (s = nm_metrics_add_sample(&met, &sample, &err)) != NM_OK)
         goto fail;
     nm_metrics_finish(&met);
+    // Pictures and report. The trace is already committed: a failure here is reported and
+    // gives a non-zero exit, but the trace stays.
+    if (render) {
+        if ((s = nm_render_sample_overlays(&sample, out, NULL, &ro, &image_note, &err)) != NM_OK ||
+            (s = nm_report_trace_load(&rep, trace_path, 0, NULL, NULL, &err)) != NM_OK ||
+            (s = nm_report_write_dir(&rep, 1, out, 1, &err)) != NM_OK ||
+            (s = nm_render_trace_charts(&rep, 1, out, &ro, &err)) != NM_OK) {
+            rc = cli_report("run", &err);
+            goto done;
+        }
+    }
     int n_gen = sample.n_tokens - sample.n_prompt_tokens;
     if (quiet) {
         printf("%s\n", sample.answer);
@@ -112,6 +142,14 @@ int cmd_run(int argc, char **argv) {
                eos ? "stopped at EOS" : (n_gen < max_new ? "stopped at max_positions" : "stopped at --max-new-tokens"));
         cli_print_summary(&met, stdout);
         printf("trace      %s  (sample %d)\n", trace_path, index);
+        if (render) {
+            const char *ext = nm_viz_format_ext(ro.format);
+            printf("pictures   %s/overlay/layer_00.%s … layer_%02d.%s, mean.%s; %s/modality.%s, polarization.%s, "
+                   "layer_strip.%s, …\n",
+                   out, ext, sample.n_layers - 1, ext, ext, out, ext, ext, ext);
+            printf("report     %s/report.md, report.json, report.csv (all %d sample%s of the trace)\n", out,
+                   rep.n_samples, rep.n_samples == 1 ? "" : "s");
+        }
     }
     goto done;
 fail:
@@ -119,6 +157,9 @@ fail:
     nm_trace_file_abort(tf);
     nm_rmdir_up_to(out, created_top); // leave nothing behind (only empty directories we made)
 done:
+    if (image_note) fprintf(stderr, "nullmap run: note: overlays drawn without the photo: %s\n", image_note);
+    free(image_note);
+    nm_report_trace_free(&rep);
     nm_metrics_free(&met);
     nm_trace_sample_free(&sample);
     nm_engine_free(engine);

@@ -1,7 +1,9 @@
 // nullmap — see where a null-expert MoE model spends its compute.
 // Thin front end: each subcommand lives in its own cmd_*.c and calls libnullmap.
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli.h"
 
@@ -17,6 +19,8 @@ static const char *USAGE =
     "          write the routing trace (HDF5)\n"
     "  batch   run many image/prompt pairs (a TSV list) into one trace, with a progress bar\n"
     "  info    describe a model directory or a trace file\n"
+    "  render  draw the pictures of a trace: per-layer compute-map overlays, modality and\n"
+    "          polarization charts, per-layer strip\n"
     "  init    write a seeded random model from a config.json\n"
     "  report  tables of the compute metrics of one or more traces (report.md/.json/.csv)\n"
     "\n"
@@ -26,7 +30,19 @@ static const char *USAGE =
     "exit codes: 0 ok, 1 bad input (malformed/unsupported/over a limit), 2 usage error,\n"
     "            3 file missing/unreadable/unwritable, 4 out of memory or internal error\n";
 
+// OpenMP worker threads spin between parallel regions by default. On a 2-core machine shared
+// with other work that made a batch 11x slower (measured; ../shared/FINDINGS.md warns of the
+// same trap). libgomp reads its settings when it is loaded, before main(), so when the user
+// has chosen no wait policy we set a short spin (then sleep) and execute ourselves once more.
+static void tame_openmp_spinning(char **argv) {
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || getenv("NULLMAP_OMP_SET")) return;
+    setenv("GOMP_SPINCOUNT", "1000", 1);
+    setenv("NULLMAP_OMP_SET", "1", 1);
+    execv("/proc/self/exe", argv); // returns only on failure: then run with the defaults
+}
+
 int main(int argc, char **argv) {
+    tame_openmp_spinning(argv);
     if (argc < 2) {
         fputs(USAGE, stderr);
         return EXIT_USAGE;
@@ -43,6 +59,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "run")) return cmd_run(argc - 1, argv + 1);
     if (!strcmp(cmd, "batch")) return cmd_batch(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
+    if (!strcmp(cmd, "render")) return cmd_render(argc - 1, argv + 1);
     if (!strcmp(cmd, "init")) return cmd_init(argc - 1, argv + 1);
     if (!strcmp(cmd, "report")) return cmd_report(argc - 1, argv + 1);
     fprintf(stderr, "nullmap: unknown command '%s'\n\n%s", cmd, USAGE);
