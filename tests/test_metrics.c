@@ -311,6 +311,39 @@ START_TEST(test_all_null) {
 END_TEST
 
 // ---- no tokens at all: everything undefined, nothing crashes ----
+// ---- one layer with every token at n_real = 0, the other layer not ----
+//   L = 2, K = 2. Layer 0: all null. Layer 1: n_real = 2, 1, 2 (vision, text, text).
+//   c_t = (0 + 1)/2, (0 + 1/2)/2, (0 + 1)/2 = 0.5, 0.25, 0.5; intensity all = 1.25/3.
+//   zero-compute: layer 0 ratio 1, layer 1 ratio 0, overall 3/6.
+START_TEST(test_one_layer_all_null) {
+    static const tok toks[] = {{NM_MOD_VISION, NM_SEG_IMAGE, {0, 2}},
+                               {NM_MOD_TEXT, NM_SEG_PROMPT, {0, 1}},
+                               {NM_MOD_TEXT, NM_SEG_PROMPT, {0, 2}}};
+    nm_trace_sample s;
+    sample_from_table(&s, 2, 2, 3, toks, 3);
+    nm_metrics m;
+    init_ok(&m, 2, 2);
+    add_ok(&m, &s);
+    nm_metrics_finish(&m);
+    ASSERT_NEAR(nm_metrics_layer_intensity(&m, 0, NM_MOD_ALL), 0.0);
+    ASSERT_NEAR(nm_metrics_layer_intensity(&m, 0, NM_MOD_VISION), 0.0);
+    ASSERT_NEAR(nm_metrics_zero_compute(&m, 0, NM_MOD_ALL), 1.0);
+    ASSERT_NEAR(nm_metrics_layer_intensity(&m, 1, NM_MOD_ALL), 2.5 / 3);
+    ASSERT_NEAR(nm_metrics_layer_intensity(&m, 1, NM_MOD_TEXT), 0.75);
+    ASSERT_NEAR(nm_metrics_zero_compute(&m, 1, NM_MOD_ALL), 0.0);
+    ASSERT_NEAR(m.intensity[NM_MOD_ALL], 1.25 / 3);
+    ASSERT_NEAR(m.intensity[NM_MOD_VISION], 0.5);
+    ASSERT_NEAR(m.zero_compute_ratio, 0.5);
+    ASSERT_NEAR(m.null_slot_ratio, 1.0 - 1.25 / 3);
+    ck_assert(m.compute_share_defined);
+    ASSERT_NEAR(m.compute_share[NM_MOD_VISION], 0.5 / 1.25);
+    ck_assert_int_eq(nm_metrics_polarization(&m, 0, NM_MOD_ALL, 0), 3);
+    ck_assert_int_eq(nm_metrics_polarization(&m, 1, NM_MOD_ALL, 2), 2);
+    nm_metrics_free(&m);
+    sample_release(&s);
+}
+END_TEST
+
 START_TEST(test_empty) {
     nm_metrics m;
     init_ok(&m, 2, 3);
@@ -663,6 +696,7 @@ NM_TEST_SUITE(metrics) {
     tcase_add_test(tc, test_mixed_by_hand);
     tcase_add_test(tc, test_no_vision);
     tcase_add_test(tc, test_all_null);
+    tcase_add_test(tc, test_one_layer_all_null);
     tcase_add_test(tc, test_empty);
     tcase_add_test(tc, test_top1);
     tcase_add_test(tc, test_aggregate_concat);
