@@ -20,7 +20,7 @@ $(error SAN must be 0 or 1, got '$(SAN)')
 endif
 
 CC ?= cc
-PKGS := hdf5 jansson libpng cairo
+PKGS := hdf5 jansson libpng cairo fontconfig
 # OpenBLAS: we link the OpenMP build explicitly so that OpenBLAS and our own parallel loops
 # share one thread pool (two pools on two cores thrash; see ../shared/FINDINGS.md).
 BLAS_DIR := /usr/lib/x86_64-linux-gnu/openblas-openmp

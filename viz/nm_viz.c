@@ -3,6 +3,7 @@
 
 #include <cairo-pdf.h>
 #include <cairo-svg.h>
+#include <fontconfig/fontconfig.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -185,4 +186,9 @@ void nm_viz_colorbar(cairo_t *cr, double x, double y, double w, double h, nm_col
         nm_viz_text(cr, tx, y + h + 16, 0.5, ticks[i]);
     }
     if (label) nm_viz_text(cr, x, y - 5, 0, label);
+}
+
+void nm_viz_release_static(void) {
+    cairo_debug_reset_static_data(); // drops cairo's font caches, which hold fontconfig patterns
+    FcFini();
 }

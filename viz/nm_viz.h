@@ -51,4 +51,8 @@ double nm_viz_text_width(cairo_t *cr, const char *s);
 // above it.
 void nm_viz_colorbar(cairo_t *cr, double x, double y, double w, double h, nm_colormap cm, const char *label);
 
+// Frees cairo's and fontconfig's process-wide caches (font configuration, scaled fonts). Call
+// once at exit, after the last picture, so leak checkers see no library allocations left.
+void nm_viz_release_static(void);
+
 #endif
