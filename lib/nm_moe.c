@@ -50,8 +50,10 @@ static double scan_scalar(const float *zt, int N, int M, int kr, int *order) {
 #ifdef NM_X86
 // The same with AVX-512: a vector max and exp-sum, then kr rounds of "largest available,
 // lowest index on ties". Returns 0 (nothing written) when a logit is NaN: the caller then
-// uses scan_scalar, so both paths select identically.
-static NM_AVX512 int scan512(const float *zt, int N, int M, int kr, int *order, double *lse) {
+// uses scan_scalar, so both paths select identically. Otherwise returns how many leading
+// entries of order it wrote (-1 for none): kr, or fewer when M >= K and fewer reals reach
+// the null logit (a real below it then never gets a slot; the selected prefix is the same).
+static NM_AVX512 int scan512(const float *zt, int N, int M, int K, int kr, int *order, double *lse) {
     const int nv = (N + 15) / 16;
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 vmx = ninf;
@@ -63,6 +65,15 @@ static NM_AVX512 int scan512(const float *zt, int N, int M, int kr, int *order, 
     }
     const float zn = zt[N];
     if (nan || zn != zn) return 0;
+    if (M >= K) { // only reals with z >= zn can win a slot against M >= K null copies
+        int above = 0;
+        const __m512 vzn = _mm512_set1_ps(zn);
+        for (int v = 0; v < nv; v++) {
+            const __mmask16 m = nm_mask512((size_t)(N - 16 * v));
+            above += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, zt + 16 * v), vzn, _CMP_GE_OQ));
+        }
+        if (above < kr) kr = above;
+    }
     float mx = _mm512_reduce_max_ps(vmx);
     if (M > 0 && zn > mx) mx = zn;
     __m512d acc = _mm512_setzero_pd();
@@ -90,7 +101,7 @@ static NM_AVX512 int scan512(const float *zt, int N, int M, int kr, int *order, 
             }
         }
     }
-    return 1;
+    return kr > 0 ? kr : -1; // -1: none (0 means "use scan_scalar")
 }
 #endif
 
@@ -98,10 +109,12 @@ static NM_AVX512 int scan512(const float *zt, int N, int M, int kr, int *order, 
 static void route_token(const nm_routing *r, const float *zt, size_t t, int N, int M, int K, int copy, int isa, int *order,
                         double *eg) {
     const float zn = zt[N];
-    const int kr = K < N ? K : N;
+    int kr = K < N ? K : N;
     double lse;
 #ifdef NM_X86
-    if (!(isa == NM_ISA_AVX512 && scan512(zt, N, M, kr, order, &lse)))
+    int got = isa == NM_ISA_AVX512 ? scan512(zt, N, M, K, kr, order, &lse) : 0;
+    if (got) kr = got < 0 ? 0 : got; // only the first kr entries of order are valid
+    else
 #endif
         lse = scan_scalar(zt, N, M, kr, order);
     (void)isa;
