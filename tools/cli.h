@@ -53,5 +53,6 @@ int cmd_batch(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_report(int argc, char **argv);
+int cmd_data(int argc, char **argv);
 
 #endif

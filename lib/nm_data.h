@@ -1,0 +1,101 @@
+// nm_data.h — a synthetic vision-language data set (generator + reader) for training small
+// null-expert MoE models: `nullmap data`.
+//
+// Layout of a data set directory DIR:
+//   DIR/info.json          what made it: generator, format version, seed, counts, image size, task mix
+//   DIR/train.jsonl        one JSON object per line (UTF-8, '\n'-terminated)
+//   DIR/eval.jsonl         the held-out split, same format
+//   DIR/train/000017.png   8-bit RGB PNG, image_size x image_size (eval images under DIR/eval/)
+//
+// One record per line, keys in this order:
+//   "id"       "train-000017" (split + index; unique within the data set)
+//   "split"    "train" | "eval"
+//   "image"    path relative to DIR ("train/000017.png"), or null for text-only samples
+//   "prompt"   the question (ASCII; phrasing varies widely on purpose, see below)
+//   "answer"   a word or a number, compared exactly ("red", "CAT", "3", "Wednesday")
+//   "task"     "colour" | "word" | "count" | "bar" | "text"
+// and for evaluation / for measuring background vs object compute:
+//   image tasks: "background": "flat" | "texture"; "texture": "hstripes" | "vstripes" |
+//     "dstripes" | "checks" | "dots" (texture only); "background_rgb": [[r,g,b], ...] (1 or 2 tones);
+//     "objects": [{"kind": "circle"|"square"|"triangle"|"word"|"bar", "colour": NAME,
+//                  "bbox": [x0, y0, x1, y1], ...}] in image pixels, x1/y1 exclusive, rounded
+//     outward so that every pixel drawn for the object lies inside. Every pixel outside all
+//     bboxes is background. Words add "text"; bars add "height" (pixels, exact: bars are
+//     pixel-aligned rectangles standing on one baseline) and "position" (1 = leftmost).
+//   "colour": "target": {"kind": K}        the one object of kind K (unique in the image)
+//   "count":  "target": {} | {"kind": K} | {"colour": C}   ({} counts every shape); "count": n
+//   "word":   "word": the text drawn (upper case; the answer)
+//   "bar":    "ask": "tallest" | "shortest", "answer_by": "colour" | "position"
+//   "text":   "family": what kind of text question ("weekday", "arithmetic", "story", ...)
+//
+// Determinism: sample i of a split is drawn from its own nm_rng stream, seeded from
+// (seed, split, i, attempt), so the same seed gives the same bytes (JSONL and PNG) on a
+// machine; train and eval use different streams. Held out: an eval sample is redrawn (next
+// attempt) while its image pixels, or for text-only samples its prompt, equal a train sample's.
+//
+// Why the text varies: a router learns to null predictable bytes (FINDINGS.md, "Training a tiny
+// null-expert VLM"), so prompts come from many templates with synonyms, word orders, optional
+// context sentences and answer-format hints, and ~20% of samples are text-only questions
+// (arithmetic, sequences, spelling, short stories) whose answers need the prompt's content.
+#ifndef NM_DATA_H
+#define NM_DATA_H
+
+#include <stdint.h>
+
+#include "nm_error.h"
+
+#define NM_DATA_FORMAT_VERSION 1
+#define NM_DATA_MAX_SAMPLES 10000000 // per split
+#define NM_DATA_MIN_IMAGE 16
+#define NM_DATA_MAX_IMAGE 1024
+#define NM_DATA_DEFAULT_IMAGE 64
+
+// Task mix: a sample is text-only with probability NM_DATA_TEXT_PERMILLE / 1000; otherwise its
+// image task is colour, word, count or bar with equal probability.
+#define NM_DATA_TEXT_PERMILLE 200
+// Image backgrounds: a repeated texture with this probability, else one flat colour.
+#define NM_DATA_TEXTURE_PERMILLE 500
+// Reader limits.
+#define NM_DATA_MAX_LINE (1 << 20)
+
+// The named object colours (answers of "colour" questions), well separated in RGB and from
+// every background tone.
+typedef struct {
+    const char *name;
+    uint8_t rgb[3];
+} nm_data_colour;
+#define NM_DATA_N_COLOURS 6
+extern const nm_data_colour nm_data_colours[NM_DATA_N_COLOURS];
+
+typedef struct {
+    char *id;
+    char *image; // DIR joined with the record's relative path (or the path as is if absolute); NULL: text-only
+    char *prompt, *answer, *task;
+} nm_data_record;
+
+typedef struct {
+    nm_data_record *rec;
+    int n;
+    char *dir;
+} nm_dataset;
+
+// Loads DIR/<split>.jsonl (split "train" or "eval"). A malformed line (bad JSON, not an object,
+// a missing or mistyped field, an empty prompt/answer, invalid UTF-8, a line over
+// NM_DATA_MAX_LINE) fails with NM_ERR_FORMAT and a message "FILE:LINE: what is wrong".
+// Extra keys are ignored. d is zeroed on failure.
+nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_error *err);
+void nm_dataset_free(nm_dataset *d); // safe on a zeroed d
+
+// Writes a data set into DIR (layout above): n_train and n_eval in 0..NM_DATA_MAX_SAMPLES (not
+// both 0), image_size in NM_DATA_MIN_IMAGE..NM_DATA_MAX_IMAGE.
+//
+// Atomic as a whole: everything is written into DIR.tmp-<pid> (a sibling), flushed to disk
+// (syncfs), and renamed to DIR at the end; a failure removes the temporary directory, and an
+// interrupted run leaves at most DIR.tmp-<pid>, never a DIR that looks complete.
+// An existing DIR must be empty, unless force; force replaces only a directory that holds a
+// nullmap data set (info.json with "format": "nullmap-data"), never any other directory.
+// progress(ctx, done, total), if given, is called now and then with total = n_train + n_eval.
+nm_status nm_data_generate(const char *dir, int n_train, int n_eval, uint64_t seed, int image_size, int force,
+                           void (*progress)(void *, int, int), void *ctx, nm_error *err);
+
+#endif
