@@ -56,28 +56,6 @@ static int cmd_timeout_s(void) {
     return v > 0 ? v : 60;
 }
 
-static uint8_t *read_all(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "cannot open %s: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
-    uint8_t *b = malloc(cap + 1);
-    ck_assert_ptr_nonnull(b);
-    for (;;) {
-        if (n == cap) {
-            cap *= 2;
-            b = realloc(b, cap + 1);
-            ck_assert_ptr_nonnull(b);
-        }
-        size_t r = fread(b + n, 1, cap - n, f);
-        n += r;
-        if (r == 0) break;
-    }
-    fclose(f);
-    b[n] = 0;
-    *size = n;
-    return b;
-}
-
 static void write_all(const char *path, const void *data, size_t n) {
     ck_assert_msg(nm_test_write_file(path, data, n) == 0, "cannot write %s", path);
 }
@@ -190,7 +168,7 @@ static void run_ok(const char *work, const char *const *args) {
     run_result r = run_nullmap(args, o, e, 0);
     if (!(r.exited && r.code == 0)) {
         size_t n;
-        uint8_t *msg = read_all(e, &n);
+        uint8_t *msg = (uint8_t *)nm_test_read_file(e, &n);
         ck_abort_msg("setup command '%s %s' failed (exit %d, signal %d, timeout %d): %s", args[0], args[1] ? args[1] : "",
                      r.code, r.sig, r.timed_out, (char *)msg);
     }
@@ -321,7 +299,7 @@ static void png_fix_crc(uint8_t *b, size_t off, uint32_t len) { put_be32(b + off
 // Rewrites IHDR's width and height (with a correct CRC).
 static void png_set_size(const char *path, uint32_t w, uint32_t h) {
     size_t n;
-    uint8_t *b = read_all(path, &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(path, &n);
     uint32_t len;
     size_t o = png_chunk(b, n, "IHDR", &len);
     put_be32(b + o + 8, w);
@@ -334,7 +312,7 @@ static void png_set_size(const char *path, uint32_t w, uint32_t h) {
 // Flips bytes in the middle of IDAT's data; fix_crc: recompute the CRC so zlib sees the damage.
 static void png_flip_idat(const char *path, int fix_crc) {
     size_t n;
-    uint8_t *b = read_all(path, &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(path, &n);
     uint32_t len;
     size_t o = png_chunk(b, n, "IDAT", &len);
     ck_assert_uint_ge(len, 16);
@@ -354,7 +332,7 @@ typedef struct {
 
 static void st_read(stfile *f, const char *path) {
     size_t n;
-    uint8_t *b = read_all(path, &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(path, &n);
     ck_assert_uint_ge(n, 8);
     uint64_t hl = 0;
     for (int i = 7; i >= 0; i--) hl = hl << 8 | b[i];
@@ -526,7 +504,7 @@ static void st_truncated_data(const char *w) { truncate_file(P(ST), file_size(P(
 
 static void st_hlen_past_eof(const char *w) {
     size_t n;
-    uint8_t *b = read_all(P(ST), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P(ST), &n);
     uint64_t hl = (uint64_t)n; // more than n - 8, well under the 100 MiB limit
     for (int i = 0; i < 8; i++) b[i] = (uint8_t)(hl >> (8 * i));
     write_all(P(ST), b, n);
@@ -535,7 +513,7 @@ static void st_hlen_past_eof(const char *w) {
 
 static void st_hlen_huge(const char *w) {
     size_t n;
-    uint8_t *b = read_all(P(ST), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P(ST), &n);
     uint64_t hl = (uint64_t)200 << 20; // claims a 200 MiB header (limit: 100 MiB)
     for (int i = 0; i < 8; i++) b[i] = (uint8_t)(hl >> (8 * i));
     write_all(P(ST), b, n);
@@ -544,7 +522,7 @@ static void st_hlen_huge(const char *w) {
 
 static void st_hlen_u64max(const char *w) {
     size_t n;
-    uint8_t *b = read_all(P(ST), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P(ST), &n);
     memset(b, 0xff, 8); // 2^64 - 1: must not wrap around in any size arithmetic
     write_all(P(ST), b, n);
     free(b);
@@ -626,7 +604,7 @@ static void st_extra_tensor(const char *w) {
 
 static void st_header_not_json(const char *w) {
     size_t n;
-    uint8_t *b = read_all(P(ST), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P(ST), &n);
     uint64_t hl = 0;
     for (int i = 7; i >= 0; i--) hl = hl << 8 | b[i];
     memset(b + 8, ' ', (size_t)hl);
@@ -637,7 +615,7 @@ static void st_header_not_json(const char *w) {
 
 static void st_header_array(const char *w) {
     size_t n;
-    uint8_t *b = read_all(P(ST), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P(ST), &n);
     uint64_t hl = 0;
     for (int i = 7; i >= 0; i--) hl = hl << 8 | b[i];
     memset(b + 8, ' ', (size_t)hl);
@@ -684,7 +662,7 @@ static void st_shape_negative(const char *w) { st_edit_norm(w, shape_negative); 
 // The header with a duplicated key (text surgery: jansson would not write one).
 static void st_duplicate_key(const char *w) {
     size_t n;
-    uint8_t *b = read_all(P(ST), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P(ST), &n);
     uint64_t hl = 0;
     for (int i = 7; i >= 0; i--) hl = hl << 8 | b[i];
     char *hdr = malloc((size_t)hl + 1);
@@ -737,7 +715,7 @@ static void cfg_wrong_model_type(const char *w) { json_edit(P(CFG), cfg_model_ty
 static void cfg_invalid_json(const char *w) { write_text(P(CFG), "{ \"model_type\": \"nullmap-moe\", \"hidden_size\": 32,\n  \"num_layers\": }\n"); }
 static void cfg_nul_byte(const char *w) {
     size_t n;
-    uint8_t *b = read_all(P(CFG), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P(CFG), &n);
     b[n / 2] = 0;
     write_all(P(CFG), b, n);
     free(b);
@@ -776,7 +754,7 @@ static void img_jpeg_header_only(const char *w) {
 static void img_jpeg_huge_sof(const char *w) {
     write_jpeg(P("img.jpg"), 64, 64);
     size_t n;
-    uint8_t *b = read_all(P("img.jpg"), &n);
+    uint8_t *b = (uint8_t *)nm_test_read_file(P("img.jpg"), &n);
     size_t o = 2;
     while (o + 4 < n && !(b[o] == 0xFF && b[o + 1] == 0xC0)) o += 2 + (size_t)(b[o + 2] << 8 | b[o + 3]);
     ck_assert_msg(o + 9 < n, "no SOF0 marker in the test JPEG");
@@ -1148,7 +1126,7 @@ START_TEST(bad_input_case) {
     run_result r = run_nullmap(argv, out_path, err_path, c->as_limit);
     snap_take(&after, w);
     size_t n_out, n_err;
-    uint8_t *out = read_all(out_path, &n_out), *er = read_all(err_path, &n_err);
+    uint8_t *out = (uint8_t *)nm_test_read_file(out_path, &n_out), *er = (uint8_t *)nm_test_read_file(err_path, &n_err);
 
     // Every check; the first failure is reported.
     char why[1200] = "";

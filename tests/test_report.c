@@ -42,14 +42,6 @@ static void near_json(const json_t *v, double want, const char *what) { // JSON 
     ck_assert_msg(fabs(got - want) <= 1e-9 * fmax(1e-3, fabs(want)), "%s: got %.17g, want %.17g", what, got, want);
 }
 
-static char *read_text(const char *path) {
-    char *buf = NULL;
-    size_t n = 0;
-    nm_error err = {0};
-    ck_assert_msg(nm_read_file(path, 64u << 20, &buf, &n, &err) == NM_OK, "%s", err.msg);
-    return buf;
-}
-
 static int count_lines(const char *s) {
     int n = 0;
     for (; *s; s++) n += *s == '\n';
@@ -414,7 +406,7 @@ START_TEST(test_foreign_files) {
     json_decref(root);
 
     // ---- CSV: header, one row per trace × layer × modality (+ the same per sample)
-    char *csv = read_text(nm_test_path(dir, "report.csv"));
+    char *csv = nm_test_read_file(nm_test_path(dir, "report.csv"), NULL);
     char line[4096], f[256];
     ck_assert_str_eq(line_of(csv, 0, line, sizeof line),
                      "trace,sample,num_layers,num_experts,null_copies,K,rho,null_kind,layer,modality,tokens,"
@@ -444,7 +436,7 @@ START_TEST(test_foreign_files) {
     free(csv);
 
     // ---- Markdown: the tables, and n/a / undefined where a value does not exist
-    char *md = read_text(nm_test_path(dir, "report.md"));
+    char *md = nm_test_read_file(nm_test_path(dir, "report.md"), NULL);
     static const char *want[] = {
         "# nullmap report",
         "| L | N | M | K | ρ = N/(N+M) | K·ρ | null kind | samples | tokens |",
@@ -475,13 +467,13 @@ START_TEST(test_foreign_files) {
     // the single-file writers give the same text as the directory writer
     char *md2 = nm_report_md(&r, 1, &err);
     ck_assert_ptr_nonnull(md2);
-    md = read_text(nm_test_path(dir, "report.md"));
+    md = nm_test_read_file(nm_test_path(dir, "report.md"), NULL);
     ck_assert_str_eq(md, md2);
     free(md);
     free(md2);
     ck_assert_msg(nm_report_write_csv(&r, 1, nm_test_path(dir, "one.csv"), &err) == NM_OK, "%s", err.msg);
-    csv = read_text(nm_test_path(dir, "one.csv"));
-    char *csv2 = read_text(nm_test_path(dir, "report.csv"));
+    csv = nm_test_read_file(nm_test_path(dir, "one.csv"), NULL);
+    char *csv2 = nm_test_read_file(nm_test_path(dir, "report.csv"), NULL);
     ck_assert_str_eq(csv, csv2);
     free(csv);
     free(csv2);
@@ -524,7 +516,7 @@ START_TEST(test_two_traces) {
     ck_assert_msg(nm_report_write_dir(r, 2, out, 0, &err) == NM_OK, "%s", err.msg);
 
     // md: the comparison table, one row per trace; the text-only trace has no vision: n/a
-    char *md = read_text(nm_test_path(out, "report.md"));
+    char *md = nm_test_read_file(nm_test_path(out, "report.md"), NULL);
     ck_assert_ptr_nonnull(strstr(md, "## Comparison"));
     ck_assert_ptr_nonnull(strstr(md, "| # | trace | L | K | ρ | K·ρ | samples | tokens | null slot ratio | "
                                      "zero-compute ratio | vision intensity | text intensity | vision compute share "
@@ -542,7 +534,7 @@ START_TEST(test_two_traces) {
     free(md);
 
     // CSV: rows of both traces, n_real columns padded to the larger K (8) with empty cells
-    char *csv = read_text(nm_test_path(out, "report.csv"));
+    char *csv = nm_test_read_file(nm_test_path(out, "report.csv"), NULL);
     char line[4096], f[256];
     line_of(csv, 0, line, sizeof line);
     ck_assert_ptr_nonnull(strstr(line, ",n_real_7,n_real_8"));
@@ -745,13 +737,13 @@ START_TEST(test_write_dir_all_or_nothing) {
     ck_assert_int_eq(nm_test_write_file(nm_test_path(dir, "report.md"), "mine", 4), 0);
     ck_assert_int_eq(nm_report_write_dir(&r, 1, dir, 0, &err), NM_ERR_IO);
     ck_assert_ptr_nonnull(strstr(err.msg, "report.md"));
-    char *kept = read_text(nm_test_path(dir, "report.md"));
+    char *kept = nm_test_read_file(nm_test_path(dir, "report.md"), NULL);
     ck_assert_str_eq(kept, "mine");
     free(kept);
     ck_assert_int_eq(dir_entries(dir), 1);
     // with overwrite: replaced
     ck_assert_msg(nm_report_write_dir(&r, 1, dir, 1, &err) == NM_OK, "%s", err.msg);
-    kept = read_text(nm_test_path(dir, "report.md"));
+    kept = nm_test_read_file(nm_test_path(dir, "report.md"), NULL);
     ck_assert_ptr_nonnull(strstr(kept, "# nullmap report"));
     free(kept);
     ck_assert_int_eq(dir_entries(dir), 3);
@@ -796,7 +788,7 @@ START_TEST(test_cli) {
     char args[12000], tmp[4096];
     const char *fp = foreign_path();
     ck_assert_int_eq(run_cli(dir, "report --help"), 0);
-    char *o = read_text(nm_test_path(dir, "cli.out"));
+    char *o = nm_test_read_file(nm_test_path(dir, "cli.out"), NULL);
     ck_assert_ptr_nonnull(strstr(o, "usage: nullmap report"));
     free(o);
     ck_assert_int_eq(run_cli(dir, "report"), 2);
@@ -811,7 +803,7 @@ START_TEST(test_cli) {
     // two traces (one twice is fine), per sample, into a new nested directory
     snprintf(args, sizeof args, "report '%s' '%s' --out '%s/a/b' --per-sample", fp, fp, dir);
     ck_assert_int_eq(run_cli(dir, args), 0);
-    o = read_text(nm_test_path(dir, "cli.out"));
+    o = nm_test_read_file(nm_test_path(dir, "cli.out"), NULL);
     ck_assert_ptr_nonnull(strstr(o, "null-slot"));
     ck_assert_ptr_nonnull(strstr(o, "0.6083"));
     ck_assert_ptr_nonnull(strstr(o, fp));
@@ -819,13 +811,13 @@ START_TEST(test_cli) {
     snprintf(tmp, sizeof tmp, "%s/a/b", dir);
     ck_assert_int_eq(dir_entries(tmp), 8); // report.md/.json/.csv and the 5 charts
     ck_assert(file_exists(tmp, "modality.png") && file_exists(tmp, "zero_vs_null.png"));
-    char *md = read_text(nm_test_path(tmp, "report.md"));
+    char *md = nm_test_read_file(nm_test_path(tmp, "report.md"), NULL);
     ck_assert_ptr_nonnull(strstr(md, "## Comparison"));
     ck_assert_ptr_nonnull(strstr(md, "#### Trace 2, sample 2"));
     free(md);
     // again without --force: refused, files untouched; with --force: fine
     ck_assert_int_eq(run_cli(dir, args), 3);
-    o = read_text(nm_test_path(dir, "cli.err"));
+    o = nm_test_read_file(nm_test_path(dir, "cli.err"), NULL);
     ck_assert_ptr_nonnull(strstr(o, "--force"));
     free(o);
     snprintf(args + strlen(args), sizeof args - strlen(args), " --force");
@@ -838,15 +830,15 @@ START_TEST(test_cli) {
     copy_file(fp, bad, 20000);
     snprintf(args, sizeof args, "report '%s' '%s' --out '%s/c/d'", fp, bad, dir);
     ck_assert_int_eq(run_cli(dir, args), 1);
-    o = read_text(nm_test_path(dir, "cli.err"));
+    o = nm_test_read_file(nm_test_path(dir, "cli.err"), NULL);
     ck_assert_msg(strstr(o, "nullmap report: error: ") && strstr(o, bad), "stderr: %s", o);
     free(o);
     ck_assert(!file_exists(dir, "c"));
     // ... and into an existing directory with --force: the old report stays as it was
     snprintf(args, sizeof args, "report '%s' '%s' --out '%s/a/b' --force", fp, bad, dir);
-    md = read_text(nm_test_path(tmp, "report.md"));
+    md = nm_test_read_file(nm_test_path(tmp, "report.md"), NULL);
     ck_assert_int_eq(run_cli(dir, args), 1);
-    char *md_after = read_text(nm_test_path(tmp, "report.md"));
+    char *md_after = nm_test_read_file(nm_test_path(tmp, "report.md"), NULL);
     ck_assert_str_eq(md, md_after);
     free(md);
     free(md_after);

@@ -172,24 +172,9 @@ static void assert_no_open_ids(void) {
     ck_assert_int_eq(H5Fget_obj_count((hid_t)H5F_OBJ_ALL, H5F_OBJ_ALL), 0);
 }
 
-static char *slurp(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "%s: %s", path, strerror(errno));
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    long n = ftell(f);
-    ck_assert_int_ge(n, 0);
-    rewind(f);
-    char *buf = malloc((size_t)n + 1);
-    ck_assert_ptr_nonnull(buf);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *size = (size_t)n;
-    return buf;
-}
-
 static void assert_file_is(const char *path, const char *bytes, size_t size) {
     size_t n;
-    char *now = slurp(path, &n);
+    char *now = nm_test_read_file(path, &n);
     ck_assert_uint_eq(n, size);
     ck_assert_msg(memcmp(now, bytes, size) == 0, "%s changed", path);
     free(now);
@@ -374,7 +359,7 @@ START_TEST(test_abort_leaves_file_untouched) {
     three_samples(s, &c, 303);
     write_trace(path, &c, s, 2);
     size_t size;
-    char *before = slurp(path, &size);
+    char *before = nm_test_read_file(path, &size);
 
     for (int mode = 0; mode < 2; mode++) { // append, then overwrite
         nm_trace_file *f = NULL;
@@ -405,7 +390,7 @@ START_TEST(test_existing_target_rules) {
     three_samples(s, &c, 404);
     write_trace(path, &c, s, 3);
     size_t size;
-    char *before = slurp(path, &size);
+    char *before = nm_test_read_file(path, &size);
     nm_trace_file *f = (nm_trace_file *)&size; // must be reset to NULL on failure
     nm_error err;
 
@@ -454,7 +439,7 @@ START_TEST(test_foreign_files_refused) {
     ck_assert_int_ge(fid, 0);
     ck_assert_int_ge(H5Fclose(fid), 0);
     size_t plain_size;
-    char *plain_bytes = slurp(plain, &plain_size);
+    char *plain_bytes = nm_test_read_file(plain, &plain_size);
 
     const char *paths[] = {text, empty, plain};
     for (int i = 0; i < 3; i++) {
@@ -491,7 +476,7 @@ START_TEST(test_append_shape_mismatch) {
     three_samples(s, &c, 505); // L=3 K=4 N=6 M=6
     write_trace(path, &c, s, 3);
     size_t size;
-    char *before = slurp(path, &size);
+    char *before = nm_test_read_file(path, &size);
     nm_config other[4];
     for (int i = 0; i < 4; i++) other[i] = c;
     other[0].num_layers = 4;
@@ -598,7 +583,7 @@ START_TEST(test_commit_refuses_changed_target) {
     write_trace(elsewhere, &c, &s[2], 1);
     ck_assert_int_eq(rename(elsewhere, path), 0);
     size_t size;
-    char *theirs = slurp(path, &size);
+    char *theirs = nm_test_read_file(path, &size);
     ck_assert_int_eq(nm_trace_file_commit(f, &err), NM_ERR_IO);
     ck_assert_msg(strstr(err.msg, "changed since this trace was opened"), "%s", err.msg);
     assert_file_is(path, theirs, size);
@@ -729,7 +714,7 @@ START_TEST(test_truncated_file) {
     three_samples(s, &c, 1001);
     write_trace(path, &c, s, 3);
     size_t size;
-    char *bytes = slurp(path, &size);
+    char *bytes = nm_test_read_file(path, &size);
     size_t cuts[] = {size / 2, size / 4, size * 3 / 4, size - 1, 600, 100, 8};
     for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
         ck_assert_int_eq(nm_test_write_file(cut, bytes, cuts[i]), 0);
@@ -831,7 +816,7 @@ START_TEST(test_damaged_content) {
     three_samples(s, &c, 1101); // L=3 T=5,37,1 K=4 N=6
     write_trace(path, &c, s, 3);
     size_t size;
-    char *bytes = slurp(path, &size);
+    char *bytes = nm_test_read_file(path, &size);
     const char *bad = nm_test_path(dir, "bad.h5");
     struct {
         int sample;
@@ -906,7 +891,7 @@ START_TEST(test_future_version) {
     write_trace(path, &c, s, 1);
     h5_edit(path, "version", "2");
     size_t size;
-    char *before = slurp(path, &size);
+    char *before = nm_test_read_file(path, &size);
     nm_trace_info info;
     nm_trace_sample x;
     nm_error err;

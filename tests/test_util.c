@@ -2,6 +2,8 @@
 #define _XOPEN_SOURCE 700
 #include "test_util.h"
 
+#include "nm_fileutil.h"
+
 #include <errno.h>
 #include <ftw.h>
 #include <math.h>
@@ -43,6 +45,15 @@ const char *nm_test_path(const char *dir, const char *name) {
     next = (next + 1) % 8;
     snprintf(b, sizeof buf[0], "%s/%s", dir, name);
     return b;
+}
+
+char *nm_test_read_file(const char *path, size_t *size) {
+    char *buf = NULL;
+    size_t n = 0;
+    nm_error err = {0};
+    ck_assert_msg(nm_read_file(path, (size_t)1 << 30, &buf, &n, &err) == NM_OK, "%s", err.msg);
+    if (size) *size = n;
+    return buf;
 }
 
 int nm_test_write_file(const char *path, const void *data, size_t size) {

@@ -27,6 +27,9 @@ char *nm_test_tmpdir(void);
 void nm_test_rmtree(const char *path);
 // Joins a directory and a name into a static rotating buffer (valid for 8 calls).
 const char *nm_test_path(const char *dir, const char *name);
+// Reads a whole file, which must exist (the test fails otherwise); NUL-terminated, caller
+// frees. size may be NULL.
+char *nm_test_read_file(const char *path, size_t *size);
 // Writes bytes to a file; returns 0 on success.
 int nm_test_write_file(const char *path, const void *data, size_t size);
 
