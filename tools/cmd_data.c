@@ -24,9 +24,20 @@ static const char *HELP =
     "  --image-size S    image side in pixels, 16..1024                      (default 64)\n"
     "  --force           replace DIR if it holds a nullmap data set\n";
 
+typedef struct {
+    cli_progress bar;
+    int started;
+} progress_state;
+
+// The bar starts at the library's first call, after the output directory was accepted, so a
+// refused run prints only its error.
 static void progress_cb(void *ctx, int done, int total) {
-    (void)total;
-    cli_progress_step((cli_progress *)ctx, done);
+    progress_state *p = ctx;
+    if (!p->started) {
+        cli_progress_start(&p->bar, total, "samples");
+        p->started = 1;
+    }
+    cli_progress_step(&p->bar, done);
 }
 
 int cmd_data(int argc, char **argv) {
@@ -72,11 +83,10 @@ int cmd_data(int argc, char **argv) {
     if (n_train + n_eval == 0) return cli_usage_error("data", "--train and --eval are both 0: nothing to write");
 
     nm_error err = {0};
-    cli_progress p;
-    cli_progress_start(&p, n_train + n_eval, "samples");
+    progress_state p = {0};
     double t0 = cli_now();
     nm_status st = nm_data_generate(out, n_train, n_eval, seed, size, force, progress_cb, &p, &err);
-    cli_progress_end(&p);
+    if (p.started) cli_progress_end(&p.bar);
     if (st != NM_OK) return cli_report("data", &err);
     double el = cli_now() - t0;
     printf("wrote %s: %d train + %d eval samples, %dx%d images, seed %llu (%.1f s, %.0f samples/s)\n", out, n_train, n_eval,
