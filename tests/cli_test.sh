@@ -273,4 +273,13 @@ for f in report.md report.json report.csv modality.png zero_vs_null.png; do [ -s
 contains cmp/report.md "## Comparison"
 ok "report over two traces: comparison tables and charts"
 
+# ---- data ----
+expect 0 "$NULLMAP" data --out dset --train 12 --eval 4 --seed 3 --image-size 32
+[ "$(wc -l < dset/train.jsonl)" = 12 ] && [ "$(wc -l < dset/eval.jsonl)" = 4 ] || fail "data: wrong record counts"
+ls dset/train | grep -q '\.png$' || fail "data: no training images"
+expect 0 "$NULLMAP" data --out dset2 --train 12 --eval 4 --seed 3 --image-size 32
+cmp -s dset/train.jsonl dset2/train.jsonl || fail "data: the same seed gave different records"
+expect 2 "$NULLMAP" data --out dset3 --train 12 --eval 4 --image-size 8
+ok "data: PNG + JSONL train/eval split, reproducible for a seed, limits checked"
+
 echo "$passed passed, 0 failed"
