@@ -24,6 +24,7 @@
 //    LM head) vs nm_engine_forward's logits, the MoE silenced by zero down projections.
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,14 +40,17 @@
 #define F32_TOL 1e-4
 
 // A tensor of a case in both precisions: v/fv values, g/fg gradients (for an output: dL/dout).
-typedef enum { IN, DATA, OUT, TMP } role;
+typedef enum { IN, PARAM, DATA, OUT, TMP } role;
 typedef struct {
     const char *name;
-    role kind; // IN: gradient-checked input or parameter; DATA: input without gradient
+    role kind; // gradient-checked: IN, an activation (gradient =), PARAM, a parameter (+=);
+               // DATA: input without gradient; OUT: output (g = dL/dout); TMP: saved/scratch
     size_t n;
     double *v, *g;
     float *fv, *fg;
 } tensor;
+
+static int checked(const tensor *t) { return t->kind == IN || t->kind == PARAM; }
 
 enum { MAX_TENSORS = 40, MAX_T = 16 };
 typedef struct gcase gcase;
@@ -118,7 +122,7 @@ static double check_fd(gcase *c) {
     double worst = 0.0;
     for (int i = 0; i < c->n_t; i++) {
         tensor *t = &c->t[i];
-        if (t->kind != IN) continue;
+        if (!checked(t)) continue;
         double *a = malloc(t->n * sizeof *a), *f = malloc(t->n * sizeof *f);
         memcpy(a, t->g, t->n * sizeof *a);
         double fmaxabs = 0.0;
@@ -168,7 +172,7 @@ static double check_f32(gcase *c) {
     for (int i = 0; i < c->n_t; i++) { // round the inputs, so both precisions see the same values
         tensor *t = &c->t[i];
         for (size_t j = 0; j < t->n; j++) {
-            if (t->kind == IN || t->kind == DATA) t->v[j] = t->fv[j] = (float)t->v[j];
+            if (checked(t) || t->kind == DATA) t->v[j] = t->fv[j] = (float)t->v[j];
             if (t->kind == OUT) t->g[j] = t->fg[j] = (float)t->g[j];
             if (t->kind != OUT) t->fg[j] = 0.0f;
         }
@@ -183,11 +187,11 @@ static double check_f32(gcase *c) {
         tensor *t = &c->t[i];
         double e;
         if (t->kind == OUT) e = normrel_f32(t->fv, t->v, t->n);
-        else if (t->kind == IN) e = normrel_f32(t->fg, t->g, t->n);
+        else if (checked(t)) e = normrel_f32(t->fg, t->g, t->n);
         else continue;
-        printf("f32  %-10s %s%-9s f32 vs f64 %.2e\n", c->name, t->kind == IN ? "d" : "", t->name, e);
+        printf("f32  %-10s %s%-9s f32 vs f64 %.2e\n", c->name, checked(t) ? "d" : "", t->name, e);
         ck_assert_msg(e <= F32_TOL, "%s: float32 %s%s differs from float64 by %.3e", c->name,
-                      t->kind == IN ? "d" : "", t->name, e);
+                      checked(t) ? "d" : "", t->name, e);
         worst = fmax(worst, e);
     }
     ck_assert_msg(fabs(loss32 - loss_ref) <= F32_TOL * fmax(1.0, fabs(loss_ref)), "%s: loss %g vs %g", c->name, loss32,
@@ -195,8 +199,34 @@ static double check_f32(gcase *c) {
     return worst;
 }
 
+// The gradient rule: a backward adds to parameter gradients (+=) and writes activation
+// gradients (=), whatever they held (NaN here), scratch included.
+static void check_rule(gcase *c) {
+    grad64(c);
+    double *ref[MAX_TENSORS] = {0};
+    for (int i = 0; i < c->n_t; i++) {
+        tensor *t = &c->t[i];
+        if (t->kind == OUT || t->kind == DATA) continue;
+        if (checked(t)) ref[i] = malloc(t->n * sizeof(double)), memcpy(ref[i], t->g, t->n * sizeof(double));
+        for (size_t j = 0; j < t->n; j++) t->g[j] = t->kind == PARAM ? 0.5 : NAN;
+    }
+    c->run(c, 0, 0);
+    c->run(c, 0, 1);
+    for (int i = 0; i < c->n_t; i++) {
+        if (!ref[i]) continue;
+        tensor *t = &c->t[i];
+        for (size_t j = 0; j < t->n; j++) {
+            double want = t->kind == PARAM ? 0.5 + ref[i][j] : ref[i][j];
+            ck_assert_msg(fabs(t->g[j] - want) <= 1e-12 * fmax(1.0, fabs(want)), "%s: d%s[%zu] = %g, want %g (%s)",
+                          c->name, t->name, j, t->g[j], want, t->kind == PARAM ? "+=" : "=");
+        }
+        free(ref[i]);
+    }
+}
+
 static void check_case(gcase *c, uint64_t seed) {
     fill_random(c, seed);
+    check_rule(c);
     double e1 = check_fd(c), e2 = check_f32(c);
     printf("grad %-10s worst: fd %.2e, f32 %.2e\n", c->name, e1, e2);
     case_free(c);
@@ -221,8 +251,8 @@ static void run_linear(gcase *c, int f32, int bwd) {
 START_TEST(test_linear) {
     gcase c = {.name = "linear", .T = 5, .D = 6, .H = 7, .run = run_linear};
     add(&c, "x", IN, 5 * 6);
-    add(&c, "W", IN, 7 * 6);
-    add(&c, "b", IN, 7);
+    add(&c, "W", PARAM, 7 * 6);
+    add(&c, "b", PARAM, 7);
     add(&c, "out", OUT, 5 * 7);
     check_case(&c, 101);
 }
@@ -246,7 +276,7 @@ static void run_embedding(gcase *c, int f32, int bwd) {
 START_TEST(test_embedding) {
     gcase c = {.name = "embedding", .T = 6, .D = 6, .V = 5, .run = run_embedding,
                .ids = {3, 0, -1, 3, 4, 1}}; // a repeated id accumulates; -1 is skipped
-    add(&c, "E", IN, 5 * 6);
+    add(&c, "E", PARAM, 5 * 6);
     add(&c, "out", OUT, 6 * 6);
     check_case(&c, 102);
 }
@@ -266,7 +296,7 @@ static void run_rmsnorm(gcase *c, int f32, int bwd) {
 START_TEST(test_rmsnorm) {
     gcase c = {.name = "rmsnorm", .T = 5, .D = 6, .eps = 1e-6, .run = run_rmsnorm};
     add(&c, "x", IN, 5 * 6);
-    add(&c, "w", IN, 6);
+    add(&c, "w", PARAM, 6);
     add(&c, "out", OUT, 5 * 6);
     add(&c, "rstd", TMP, 5);
     check_case(&c, 103);
@@ -384,6 +414,37 @@ START_TEST(test_crossentropy) {
 }
 END_TEST
 
+// Above the size where attention splits its heads over threads: the threaded result equals the
+// one-thread result bit for bit (heads and kv groups are independent work items), and f32
+// still agrees with f64. The finite-difference cases above are too small to take that path.
+START_TEST(test_attention_threads) {
+    enum { T = 72, nh = 4, nkv = 2, hd = 16 };
+    gcase c = {.name = "attn-big", .T = T, .nh = nh, .nkv = nkv, .hd = hd, .run = run_attention};
+    ck_assert((size_t)T * T * hd >= 65536);
+    add(&c, "q", IN, (size_t)T * nh * hd);
+    add(&c, "k", IN, (size_t)T * nkv * hd);
+    add(&c, "v", IN, (size_t)T * nkv * hd);
+    add(&c, "out", OUT, (size_t)T * nh * hd);
+    add(&c, "att", TMP, (size_t)nh * T * T);
+    add(&c, "datt", TMP, (size_t)nh * T * T);
+    fill_random(&c, 113);
+    double *one[3];
+    const int nt = omp_get_max_threads();
+    omp_set_num_threads(1);
+    grad64(&c);
+    for (int i = 0; i < 3; i++) one[i] = malloc(c.t[i].n * sizeof(double)), memcpy(one[i], c.t[i].g, c.t[i].n * sizeof(double));
+    omp_set_num_threads(nt > 1 ? nt : 2);
+    grad64(&c);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_msg(memcmp(one[i], c.t[i].g, c.t[i].n * sizeof(double)) == 0, "d%s depends on the thread count", c.t[i].name);
+        free(one[i]);
+    }
+    omp_set_num_threads(nt);
+    printf("grad attn-big   threads 1 vs %d: identical; f32 vs f64 %.2e\n", nt > 1 ? nt : 2, check_f32(&c));
+    case_free(&c);
+}
+END_TEST
+
 // ---------------------------------------------------------------------------------------------
 // A whole one-layer model without its MoE, end to end:
 //   x = embed(ids) | patch_embed(patch pixels) + pos_embed     (T, D)
@@ -392,7 +453,7 @@ END_TEST
 // Written once for both precisions (SFX: suffix, RT: real type, VAL/GRD: the value/gradient members).
 
 enum {
-    MD_E, MD_PW, MD_PB, MD_POS, MD_N1, MD_WQ, MD_WK, MD_WV, MD_WO, MD_NF, MD_HEAD, // parameters (IN)
+    MD_E, MD_PW, MD_PB, MD_POS, MD_N1, MD_WQ, MD_WK, MD_WV, MD_WO, MD_NF, MD_HEAD, // PARAM
     MD_PIX, MD_FREQ,                                                    // DATA
     MD_LOSS,                                                           // OUT
     MD_X, MD_ROWS, MD_EMB, MD_RSTD1, MD_XN, MD_Q, MD_K, MD_V, MD_QR, MD_KR, MD_ATT, MD_AO, MD_H, MD_RSTDF, MD_HN, MD_LOGITS,
@@ -491,7 +552,7 @@ static void model_case(gcase *c, const char *name, int T, int D, int V, int nh, 
         [MD_AO] = (size_t)T * qd, [MD_H] = (size_t)T * D, [MD_RSTDF] = T, [MD_HN] = (size_t)T * D,
         [MD_LOGITS] = (size_t)T * V, [MD_PROBS] = (size_t)T * V, [MD_DTMP] = (size_t)T * D};
     for (int i = 0; i < MD_COUNT; i++) {
-        role k = i <= MD_HEAD ? IN : i <= MD_FREQ ? DATA : i == MD_LOSS ? OUT : TMP;
+        role k = i <= MD_HEAD ? PARAM : i <= MD_FREQ ? DATA : i == MD_LOSS ? OUT : TMP;
         add(c, names[i], k, sizes[i]);
     }
 }
@@ -614,6 +675,7 @@ NM_TEST_SUITE(grad) {
     tcase_add_test(tc, test_rope);
     tcase_add_test(tc, test_swiglu);
     tcase_add_test(tc, test_attention);
+    tcase_add_test(tc, test_attention_threads);
     tcase_add_test(tc, test_crossentropy);
     tcase_add_test(tc, test_model);
     tcase_add_test(tc, test_forward_matches_ops);
