@@ -14,6 +14,8 @@
 #include "nm_report.h"    // report.md / .json / .csv of one or more traces
 #include "nm_safetensors.h" // safetensors read/write, dtype conversions
 #include "nm_tokenizer.h"  // byte tokenizer, sequence layout
+#include "nm_train_ops.h"  // forward/backward pairs of the dense ops (f32 and f64), for training
+#include "nm_data.h"       // the synthetic training data set: generator and reader
 #include "nm_trace.h"      // trace samples and HDF5 trace files
 
 // viz/: the cairo renderers
