@@ -176,35 +176,58 @@ nm_status nm_read_file(const char *path, size_t max_size, char **out, size_t *si
     *size = 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return nm_fail(err, NM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    nm_status s = NM_OK;
+    char *buf = NULL;
+    size_t cap = 64 * 1024, n = 0;
     struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return nm_fail(err, NM_ERR_IO, "%s: not a regular file", path);
+    if (fstat(fd, &sb) != 0) {
+        s = nm_fail(err, NM_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+        goto out;
     }
-    if ((unsigned long long)sb.st_size > max_size) {
-        close(fd);
-        return nm_fail(err, NM_ERR_LIMIT, "%s: file is %lld bytes, over the limit of %zu", path, (long long)sb.st_size,
-                       max_size);
+    if (S_ISDIR(sb.st_mode)) {
+        s = nm_fail(err, NM_ERR_IO, "%s: cannot read: is a directory", path);
+        goto out;
     }
-    size_t n = (size_t)sb.st_size;
-    char *buf = malloc(n + 1);
-    if (!buf) {
-        close(fd);
-        return NM_NOMEM(err, "file buffer");
+    if (S_ISREG(sb.st_mode)) {
+        if ((unsigned long long)sb.st_size > max_size) {
+            s = nm_fail(err, NM_ERR_LIMIT, "%s: file is %lld bytes, over the limit of %zu", path, (long long)sb.st_size,
+                        max_size);
+            goto out;
+        }
+        cap = (size_t)sb.st_size + 1; // the first read already meets the end of the file
     }
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = read(fd, buf + got, n - got);
+    // A pipe or a file that grows while we read is read to its end, up to the limit.
+    for (;;) {
+        if (!buf || n == cap) {
+            size_t ncap = !buf ? cap : cap <= max_size / 2 ? cap * 2 : max_size + 1;
+            if (buf && cap > max_size) {
+                s = nm_fail(err, NM_ERR_LIMIT, "%s: file is over the limit of %zu bytes", path, max_size);
+                goto out;
+            }
+            char *p = realloc(buf, ncap + 1);
+            if (!p) {
+                s = NM_NOMEM(err, "file buffer");
+                goto out;
+            }
+            buf = p;
+            cap = ncap;
+        }
+        ssize_t r = read(fd, buf + n, cap - n);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) break;
-        got += (size_t)r;
-    }
-    close(fd);
-    if (got != n) {
-        free(buf);
-        return nm_fail(err, NM_ERR_IO, "%s: short read", path);
+        if (r < 0) {
+            s = nm_fail(err, NM_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
+            goto out;
+        }
+        if (r == 0) break;
+        n += (size_t)r;
     }
     buf[n] = '\0';
+out:
+    close(fd);
+    if (s != NM_OK) {
+        free(buf);
+        return s;
+    }
     *out = buf;
     *size = n;
     return NM_OK;

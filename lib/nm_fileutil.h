@@ -33,7 +33,8 @@ int nm_path_exists(const char *path);
 int nm_is_dir(const char *path);
 // Returns malloc'd "dir/name" or NULL.
 char *nm_path_join(const char *dir, const char *name);
-// Reads a whole (regular) file up to max_size bytes; adds a NUL terminator (not counted).
+// Reads a whole file (regular, or a pipe read to its end) of at most max_size bytes; adds a NUL
+// terminator (not counted). Directories and oversized files are refused naming the path.
 nm_status nm_read_file(const char *path, size_t max_size, char **out, size_t *size, nm_error *err);
 
 #endif

@@ -25,7 +25,8 @@
 //     handlers longjmp back here. Files larger than NM_IMAGE_MAX_FILE_BYTES are refused.
 #include "nm_image.h"
 
-#include <errno.h>
+#include "nm_fileutil.h"
+
 #include <inttypes.h>
 #include <math.h>
 #include <setjmp.h>
@@ -33,7 +34,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/stat.h>
 
 #include <jpeglib.h> // needs <stdio.h> first
 #include <jerror.h>
@@ -448,80 +448,15 @@ nm_status nm_image_decode(nm_image *img, const uint8_t *data, size_t size, const
     return nm_fail(err, NM_ERR_FORMAT, "%s: not a PNG or JPEG file", name);
 }
 
-// Reads a whole file into *out (malloc'd, may be larger than *out_size).
-static nm_status read_file(const char *path, uint8_t **out, size_t *out_size, nm_error *err) {
-    *out = NULL;
-    *out_size = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return nm_fail(err, NM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    nm_status st = NM_OK;
-    uint8_t *buf = NULL;
-    size_t cap = 64 * 1024, n = 0;
-    struct stat sb;
-    if (fstat(fileno(f), &sb) == 0) {
-        if (S_ISDIR(sb.st_mode)) {
-            st = nm_fail(err, NM_ERR_IO, "%s: cannot read: is a directory", path);
-            goto out;
-        }
-        if (S_ISREG(sb.st_mode) && (uint64_t)sb.st_size > NM_IMAGE_MAX_FILE_BYTES) {
-            st = nm_fail(err, NM_ERR_LIMIT, "%s: file is %jd bytes, over the limit of %zu bytes for an image", path,
-                         (intmax_t)sb.st_size, NM_IMAGE_MAX_FILE_BYTES);
-            goto out;
-        }
-        // One byte more than the size, so the first read already meets the end of the file.
-        if (S_ISREG(sb.st_mode) && sb.st_size > 0) cap = (size_t)sb.st_size + 1;
-    }
-    buf = malloc(cap);
-    if (!buf) {
-        st = nm_fail(err, NM_ERR_NOMEM, "%s: out of memory allocating %zu bytes", path, cap);
-        goto out;
-    }
-    for (;;) { // the file may not be regular (a pipe) or may grow while we read it
-        if (n == cap) {
-            if (cap > NM_IMAGE_MAX_FILE_BYTES) {
-                st = nm_fail(err, NM_ERR_LIMIT, "%s: file is over the limit of %zu bytes for an image", path,
-                             NM_IMAGE_MAX_FILE_BYTES);
-                goto out;
-            }
-            size_t ncap = cap <= NM_IMAGE_MAX_FILE_BYTES / 2 ? cap * 2 : NM_IMAGE_MAX_FILE_BYTES + 1;
-            uint8_t *p = realloc(buf, ncap);
-            if (!p) {
-                st = nm_fail(err, NM_ERR_NOMEM, "%s: out of memory allocating %zu bytes", path, ncap);
-                goto out;
-            }
-            buf = p;
-            cap = ncap;
-        }
-        size_t want = cap - n, got = fread(buf + n, 1, want, f);
-        n += got;
-        if (got < want) {
-            if (ferror(f)) {
-                st = nm_fail(err, NM_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
-                goto out;
-            }
-            break; // end of file
-        }
-    }
-out:
-    fclose(f); // read-only: nothing to lose
-    if (st != NM_OK) {
-        free(buf);
-        return st;
-    }
-    *out = buf;
-    *out_size = n;
-    return NM_OK;
-}
-
 nm_status nm_image_load(nm_image *img, const char *path, nm_error *err) {
     if (!img) return nm_fail(err, NM_ERR_INVALID, "%s: no image to load into", path ? path : "(null)");
     image_reset(img);
     if (!path) return nm_fail(err, NM_ERR_INVALID, "image path is NULL");
-    uint8_t *data;
+    char *data;
     size_t size;
-    nm_status st = read_file(path, &data, &size, err);
+    nm_status st = nm_read_file(path, NM_IMAGE_MAX_FILE_BYTES, &data, &size, err);
     if (st != NM_OK) return st;
-    st = nm_image_decode(img, data, size, path, err);
+    st = nm_image_decode(img, (const uint8_t *)data, size, path, err);
     free(data);
     return st;
 }
