@@ -1081,14 +1081,6 @@ static nm_status write_info(const char *tmp, int n_train, int n_eval, uint64_t s
     return st;
 }
 
-static void fsync_path(const char *path) {
-    int fd = open(path, O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-}
-
 nm_status nm_data_generate(const char *dir_in, int n_train, int n_eval, uint64_t seed, int image_size, int force,
                            void (*progress)(void *, int, int), void *ctx, nm_error *err) {
     if (n_train < 0 || n_train > NM_DATA_MAX_SAMPLES || n_eval < 0 || n_eval > NM_DATA_MAX_SAMPLES)
@@ -1110,7 +1102,7 @@ nm_status nm_data_generate(const char *dir_in, int n_train, int n_eval, uint64_t
         free(dir);
         return st;
     }
-    char *parent = strdup(dir), *tmp = malloc(len + 32), *old = malloc(len + 32), *first_missing = NULL;
+    char *parent = strdup(dir), *tmp = nm_tmp_path(dir), *old = malloc(len + 32), *first_missing = NULL;
     gen_ctx g = {0};
     uint64_t *train_h = NULL;
     gen_run run = {0};
@@ -1126,7 +1118,6 @@ nm_status nm_data_generate(const char *dir_in, int n_train, int n_eval, uint64_t
         else if (slash == parent) parent[1] = '\0';
         else *slash = '\0';
     }
-    snprintf(tmp, len + 32, "%s.tmp-%ld", dir, (long)getpid());
     snprintf(old, len + 32, "%s.old-%ld", dir, (long)getpid());
     int exists = nm_path_exists(dir), replace = 0;
     if (exists) {
@@ -1198,7 +1189,7 @@ nm_status nm_data_generate(const char *dir_in, int n_train, int n_eval, uint64_t
         goto done;
     }
     made_tmp = 0;
-    fsync_path(parent);
+    nm_fsync_path(parent, 1, NULL); // best effort, as for every rename into a directory
     if (replace) rmtree(old);
 
 done:

@@ -63,14 +63,12 @@ int nm_is_dir(const char *path) {
 nm_status nm_atomic_open(nm_atomic_file *f, const char *path, nm_error *err) {
     memset(f, 0, sizeof *f);
     f->fd = -1;
-    size_t n = strlen(path) + 32;
     f->path = strdup(path);
-    f->tmp_path = malloc(n);
+    f->tmp_path = nm_tmp_path(path);
     if (!f->path || !f->tmp_path) {
         nm_atomic_abort(f);
         return NM_NOMEM(err, "path");
     }
-    snprintf(f->tmp_path, n, "%s.tmp-%ld", path, (long)getpid());
     f->fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (f->fd < 0) {
         nm_status s = nm_fail(err, NM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
@@ -96,14 +94,28 @@ nm_status nm_atomic_write(nm_atomic_file *f, const void *data, size_t n, nm_erro
     return NM_OK;
 }
 
-static void fsync_parent(const char *path) {
+char *nm_tmp_path(const char *path) {
+    size_t n = strlen(path) + 32;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s.tmp-%ld", path, (long)getpid());
+    return p;
+}
+
+nm_status nm_fsync_path(const char *path, int is_dir, nm_error *err) {
+    int fd = open(path, (is_dir ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
+    if (fd < 0) return nm_fail(err, NM_ERR_IO, "%s: cannot open to sync: %s", path, strerror(errno));
+    int rc = fsync(fd), e = errno;
+    close(fd);
+    // Some file systems cannot sync a directory (EINVAL); the rename itself has happened.
+    if (rc != 0 && !(is_dir && (e == EINVAL || e == ENOTSUP)))
+        return nm_fail(err, NM_ERR_IO, "%s: fsync failed: %s", path, strerror(e));
+    return NM_OK;
+}
+
+void nm_fsync_parent(const char *path) {
     char *copy = strdup(path);
     if (!copy) return;
-    int dfd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
+    nm_fsync_path(dirname(copy), 1, NULL); // best effort: the data itself is already synced
     free(copy);
 }
 
@@ -115,7 +127,7 @@ nm_status nm_atomic_commit(nm_atomic_file *f, nm_error *err) {
     if (s == NM_OK && rename(f->tmp_path, f->path) != 0)
         s = nm_fail(err, NM_ERR_IO, "%s: cannot rename temporary file into place: %s", f->path, strerror(errno));
     if (s == NM_OK) {
-        fsync_parent(f->path);
+        nm_fsync_parent(f->path);
         free(f->tmp_path);
         f->tmp_path = NULL;
     }

@@ -13,6 +13,14 @@ typedef struct {
     int fd;
 } nm_atomic_file;
 
+// The name a write in progress uses beside `path`: `path`.tmp-<pid> (malloc'd; NULL on OOM).
+// Every writer of the library uses it, so a leftover is always recognisable.
+char *nm_tmp_path(const char *path);
+// fsync a file or a directory. A file system that cannot sync a directory is not an error.
+nm_status nm_fsync_path(const char *path, int is_dir, nm_error *err);
+// fsync the directory holding `path`, best effort (after a rename into it).
+void nm_fsync_parent(const char *path);
+
 nm_status nm_atomic_open(nm_atomic_file *f, const char *path, nm_error *err);
 nm_status nm_atomic_write(nm_atomic_file *f, const void *data, size_t n, nm_error *err);
 nm_status nm_atomic_commit(nm_atomic_file *f, nm_error *err); // fsync, rename, fsync dir

@@ -12,6 +12,8 @@
 // the innermost HDF5 error description appended.
 #include "nm_trace.h"
 
+#include "nm_fileutil.h"
+
 #include <hdf5.h>
 
 #include <errno.h>
@@ -698,13 +700,11 @@ nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_con
 
     // The temporary file, created exclusively. One left by an earlier process with this pid
     // can only be a leftover of a crash: it is replaced.
-    size_t n = strlen(p) + 32;
-    f->tmp = malloc(n);
+    f->tmp = nm_tmp_path(p);
     if (!f->tmp) {
         rc = NM_NOMEM(err, "a path");
         goto out;
     }
-    snprintf(f->tmp, n, "%s.tmp-%ld", p, (long)getpid());
     if (tmp_in_use(f->tmp)) {
         rc = nm_fail(err, NM_ERR_IO, "%s: already open for writing in this process", p);
         goto out;
@@ -1029,18 +1029,6 @@ out:
     return rc;
 }
 
-static nm_status fsync_path(const char *path, int dir, nm_error *err) {
-    int fd = open(path, (dir ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
-    if (fd < 0) return nm_fail(err, NM_ERR_IO, "%s: cannot open to sync: %s", path, strerror(errno));
-    int rc = fsync(fd);
-    int e = errno;
-    close(fd);
-    // Some file systems cannot sync a directory (EINVAL); the rename itself has happened.
-    if (rc != 0 && !(dir && (e == EINVAL || e == ENOTSUP)))
-        return nm_fail(err, NM_ERR_IO, "%s: fsync failed: %s", path, strerror(e));
-    return NM_OK;
-}
-
 nm_status nm_trace_file_commit(nm_trace_file *f, nm_error *err) {
     nm_error local;
     if (!err) err = &local;
@@ -1065,7 +1053,7 @@ nm_status nm_trace_file_commit(nm_trace_file *f, nm_error *err) {
         rc = h5_fail(err, NM_ERR_IO, "%s: cannot close %s", f->path, f->tmp);
         goto out;
     }
-    rc = fsync_path(f->tmp, 0, err);
+    rc = nm_fsync_path(f->tmp, 0, err);
     if (rc != NM_OK) goto out;
 
     // Someone else replaced or changed the target since it was opened: do not clobber their work.
@@ -1101,7 +1089,7 @@ nm_status nm_trace_file_commit(nm_trace_file *f, nm_error *err) {
     }
     free(f->tmp);
     f->tmp = NULL; // renamed: nothing to clean up any more
-    rc = fsync_path(d, 1, err);
+    rc = nm_fsync_path(d, 1, err);
 out:
     free(dir);
     close_id(&f->samples);

@@ -1,6 +1,8 @@
 // nm_viz.c — canvases (PNG/SVG/PDF, atomic), colour maps, fonts, colour bars.
 #include "nm_viz.h"
 
+#include "nm_fileutil.h"
+
 #include <cairo-pdf.h>
 #include <cairo-svg.h>
 #include <fontconfig/fontconfig.h>
@@ -46,13 +48,11 @@ nm_status nm_canvas_open(nm_canvas *c, const char *path, int width, int height, 
     c->width = width;
     c->height = height;
     c->path = strdup(path);
-    size_t n = strlen(path) + 32;
-    c->tmp_path = malloc(n);
+    c->tmp_path = nm_tmp_path(path);
     if (!c->path || !c->tmp_path) {
         nm_canvas_abort(c);
         return NM_NOMEM(err, "canvas");
     }
-    snprintf(c->tmp_path, n, "%s.tmp-%ld", path, (long)getpid());
     switch (c->fmt) {
     case NM_FMT_PNG: c->surface = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height); break;
     case NM_FMT_SVG: c->surface = cairo_svg_surface_create(c->tmp_path, width, height); break;
