@@ -4,7 +4,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "cli.h"
 #include "nm_charts.h"
@@ -36,11 +35,8 @@ static const char *REPORT_FILES[] = {"report.md", "report.json", "report.csv"};
 
 // The charts of DESIGN.md §6 that belong with the report (modality chart, polarization
 // histograms, zero-compute vs null-slot ratio across traces, per-layer strip), written into
-// `dir` next to report.*. On failure the charts already written are removed.
-static const char *CHART_NAMES[] = {"modality", "polarization", "polarization_layers", "zero_vs_null", "layer_strip"};
-
-static nm_status render_charts(const nm_report_trace *r, int n, const char *dir, int force, nm_error *err) {
-    (void)force; // chart files are regenerated pictures: replaced like report.* under --force
+// `dir` next to report.*; nm_render_trace_charts removes them again if it fails.
+static nm_status render_charts(const nm_report_trace *r, int n, const char *dir, nm_error *err) {
     if (n > NM_CHART_MAX_SERIES) {
         fprintf(stderr, "nullmap report: note: charts compare at most %d traces; %d given, charts skipped\n",
                 NM_CHART_MAX_SERIES, n);
@@ -48,16 +44,7 @@ static nm_status render_charts(const nm_report_trace *r, int n, const char *dir,
     }
     nm_render_opts ro;
     nm_render_opts_default(&ro);
-    nm_status s = nm_render_trace_charts(r, n, dir, &ro, err);
-    if (s != NM_OK)
-        for (size_t i = 0; i < sizeof CHART_NAMES / sizeof CHART_NAMES[0]; i++) {
-            char name[64];
-            snprintf(name, sizeof name, "%s.png", CHART_NAMES[i]);
-            char *p = nm_path_join(dir, name);
-            if (p) unlink(p);
-            free(p);
-        }
-    return s;
+    return nm_render_trace_charts(r, n, dir, &ro, err);
 }
 
 static void progress_cb(void *ctx, int done, int total) { cli_progress_step(ctx, done); (void)total; }
@@ -155,7 +142,7 @@ int cmd_report(int argc, char **argv) {
     }
     created_top = nm_first_missing_dir(out);
     if (nm_mkdir_p(out, &err) != NM_OK) goto fail;
-    if (render_charts(r, n, out, force, &err) != NM_OK) goto fail;
+    if (render_charts(r, n, out, &err) != NM_OK) goto fail;
     if (nm_report_write_dir(r, n, out, force, &err) != NM_OK) goto fail;
 
     print_summary(r, n);

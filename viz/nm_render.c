@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "nm_charts.h"
 #include "nm_fileutil.h"
@@ -72,20 +73,28 @@ nm_status nm_render_trace_charts(const nm_report_trace *r, int n, const char *di
     }
     const char *ext = nm_viz_format_ext(o->format);
     static const char *names[] = {"modality", "polarization", "polarization_layers", "zero_vs_null", "layer_strip"};
+    enum { N_CHARTS = sizeof names / sizeof names[0] };
+    char *paths[N_CHARTS] = {0};
     nm_status st = NM_OK;
-    for (int k = 0; k < 5 && st == NM_OK; k++) {
+    for (int k = 0; k < N_CHARTS && st == NM_OK; k++) {
         char file[64];
         snprintf(file, sizeof file, "%s.%s", names[k], ext);
-        char *path = nm_path_join(dir, file);
-        if (!path) return NM_NOMEM(err, "path");
-        switch (k) {
-        case 0: st = nm_render_modality_chart(series, n, path, err); break;
-        case 1: st = nm_render_polarization(series, n, path, err); break;
-        case 2: st = nm_render_polarization_layers(&series[0], path, err); break; // first trace's layers
-        case 3: st = nm_render_zero_vs_null(series, n, path, err); break;
-        case 4: st = nm_render_layer_strip(series, n, path, err); break;
+        if (!(paths[k] = nm_path_join(dir, file))) {
+            st = NM_NOMEM(err, "path");
+            break;
         }
-        free(path);
+        switch (k) {
+        case 0: st = nm_render_modality_chart(series, n, paths[k], err); break;
+        case 1: st = nm_render_polarization(series, n, paths[k], err); break;
+        case 2: st = nm_render_polarization_layers(&series[0], paths[k], err); break; // first trace's layers
+        case 3: st = nm_render_zero_vs_null(series, n, paths[k], err); break;
+        case 4: st = nm_render_layer_strip(series, n, paths[k], err); break;
+        }
+    }
+    // All or none: a failure removes the charts this call already wrote.
+    for (int k = 0; k < N_CHARTS; k++) {
+        if (st != NM_OK && paths[k]) unlink(paths[k]);
+        free(paths[k]);
     }
     return st;
 }

@@ -26,7 +26,8 @@ void nm_render_opts_default(nm_render_opts *o);
 nm_status nm_render_sample_overlays(const nm_trace_sample *s, const char *dir, const char *image_dir,
                                     const nm_render_opts *o, char **image_note, nm_error *err);
 
-// The charts of one or more traces (the sparsity-sweep view when n > 1).
+// The charts of one or more traces (the sparsity-sweep view when n > 1). All or none: on a
+// failure the charts already written by this call are removed.
 nm_status nm_render_trace_charts(const nm_report_trace *r, int n, const char *dir, const nm_render_opts *o,
                                  nm_error *err);
 
