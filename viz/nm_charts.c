@@ -92,6 +92,18 @@ static void fmt_count(char *buf, size_t n, long long v) {
 static double rnd(double v) { return floor(v + 0.5); }
 
 static void set_grey(cairo_t *cr, double g) { cairo_set_source_rgb(cr, g, g, g); }
+
+// The heading every chart starts with: a bold title at y = 30 and, when given, a grey
+// explanatory line at sub_y.
+static void draw_heading(cairo_t *cr, double x, const char *title, const char *subtitle, double sub_y) {
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    nm_viz_font(cr, 18, 1);
+    nm_viz_text(cr, x, 30, 0, title);
+    if (!subtitle) return;
+    set_grey(cr, NOTE_GREY);
+    nm_viz_font(cr, 12, 0);
+    nm_viz_text(cr, x, sub_y, 0, subtitle);
+}
 static void set_rgb(cairo_t *cr, const double rgb[3]) { cairo_set_source_rgb(cr, rgb[0], rgb[1], rgb[2]); }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,9 +433,7 @@ nm_status nm_modality_chart_layout(const nm_chart_series *s, int n, nm_modality_
 }
 
 static void mc_draw(cairo_t *cr, const nm_chart_series *s, int n, const nm_modality_layout *lay) {
-    cairo_set_source_rgb(cr, 0, 0, 0);
-    nm_viz_font(cr, 18, 1);
-    nm_viz_text(cr, MC_MARGIN, 30, 0, MC_TITLE);
+    draw_heading(cr, MC_MARGIN, MC_TITLE, NULL, 0);
 
     // Legend
     for (int i = 0; i < n; i++) {
@@ -642,12 +652,7 @@ nm_status nm_render_polarization(const nm_chart_series *s, int n, const char *pa
     nm_canvas c;
     if ((st = nm_canvas_open(&c, path, lay.width, lay.height, err)) != NM_OK) return st;
     cairo_t *cr = c.cr;
-    cairo_set_source_rgb(cr, 0, 0, 0);
-    nm_viz_font(cr, 18, 1);
-    nm_viz_text(cr, 24, 30, 0, PL_TITLE);
-    set_grey(cr, NOTE_GREY);
-    nm_viz_font(cr, 12, 0);
-    nm_viz_text(cr, 24, 52, 0, PL_SUBTITLE);
+    draw_heading(cr, 24, PL_TITLE, PL_SUBTITLE, 52);
     modality_legend(cr, 24, 80, lay.mods, lay.n_mods);
     for (int i = 0; i < n; i++) {
         const nm_metrics *m = s[i].m;
@@ -716,17 +721,13 @@ nm_status nm_render_polarization_layers(const nm_chart_series *s, const char *pa
     cairo_t *cr = c.cr;
     const nm_metrics *m = s->m;
     char buf[LABEL_MAX], line[600];
-    cairo_set_source_rgb(cr, 0, 0, 0);
-    nm_viz_font(cr, 18, 1);
-    snprintf(line, sizeof line, "Polarization per MoE layer \xe2\x80\x94 %s", series_label(s, 0, buf, sizeof buf));
-    nm_viz_text(cr, 24, 30, 0, line);
-    set_grey(cr, NOTE_GREY);
-    nm_viz_font(cr, 12, 0);
+    char title[600];
+    snprintf(title, sizeof title, "Polarization per MoE layer \xe2\x80\x94 %s", series_label(s, 0, buf, sizeof buf));
     snprintf(line, sizeof line,
              "x: n_real = real experts among the K=%d slots \xc2\xb7 y: share of the modality's tokens (0 to 1) "
              "\xc2\xb7 zero: zero-compute ratio (share with n_real = 0)",
              m->top_k);
-    nm_viz_text(cr, 24, 52, 0, line);
+    draw_heading(cr, 24, title, line, 52);
     modality_legend(cr, 24, 80, lay.mods, lay.n_mods);
     for (int panel = 0; panel < lay.n_panels; panel++) {
         int layer = panel == 0 ? m->n_layers : panel - 1;
@@ -930,12 +931,7 @@ nm_status nm_render_zero_vs_null(const nm_chart_series *s, int n, const char *pa
 #define PX(v) (p.x + (v) * p.w)
 #define PY(v) (p.y + (1 - (v)) * p.h)
 
-    cairo_set_source_rgb(cr, 0, 0, 0);
-    nm_viz_font(cr, 18, 1);
-    nm_viz_text(cr, 24, 30, 0, ZN_TITLE);
-    set_grey(cr, NOTE_GREY);
-    nm_viz_font(cr, 12, 0);
-    nm_viz_text(cr, 24, 50, 0, "One point per trace and modality; the numbers name the traces (legend).");
+    draw_heading(cr, 24, ZN_TITLE, "One point per trace and modality; the numbers name the traces (legend).", 50);
 
     // grid and axes
     cairo_set_line_width(cr, 1);
@@ -1188,14 +1184,10 @@ nm_status nm_render_layer_strip(const nm_chart_series *s, int n, const char *pat
     nm_canvas c;
     if ((st = nm_canvas_open(&c, path, lay.width, lay.height, err)) != NM_OK) return st;
     cairo_t *cr = c.cr;
-    cairo_set_source_rgb(cr, 0, 0, 0);
-    nm_viz_font(cr, 18, 1);
-    nm_viz_text(cr, ST_MARGIN, 30, 0, ST_TITLE);
-    set_grey(cr, NOTE_GREY);
-    nm_viz_font(cr, 12, 0);
-    nm_viz_text(cr, ST_MARGIN, 50, 0,
-                "Each cell: mean compute score n_real/K of that modality's tokens in that layer; "
-                "\"mean\" = all layers.");
+    draw_heading(cr, ST_MARGIN, ST_TITLE,
+                 "Each cell: mean compute score n_real/K of that modality's tokens in that layer; "
+                 "\"mean\" = all layers.",
+                 50);
     int any_na = 0, hidden_layers = 0;
     for (int i = 0; i < n; i++) {
         const nm_metrics *m = s[i].m;
