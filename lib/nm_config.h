@@ -60,7 +60,6 @@ nm_status nm_config_validate(const nm_config *cfg, const char *path, nm_error *e
 char *nm_config_to_json(const nm_config *cfg);
 
 // Derived sizes.
-static inline int nm_config_num_slots(const nm_config *c) { return c->moe.num_experts + c->moe.null_copies; }
 static inline double nm_config_rho(const nm_config *c) {
     return (double)c->moe.num_experts / (double)(c->moe.num_experts + c->moe.null_copies);
 }

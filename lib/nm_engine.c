@@ -82,7 +82,6 @@ nm_status nm_engine_create(nm_engine **out, const nm_model *m, int max_tokens, n
 }
 
 void nm_engine_reset(nm_engine *e) { e->pos = 0; }
-int nm_engine_position(const nm_engine *e) { return e->pos; }
 int nm_engine_capacity(const nm_engine *e) { return e->max_tokens; }
 
 static nm_status reserve(nm_engine *e, int T, nm_error *err) {

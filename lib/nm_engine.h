@@ -20,7 +20,6 @@ nm_status nm_engine_create(nm_engine **out, const nm_model *m, int max_tokens, n
 void nm_engine_free(nm_engine *e);
 // Forgets the sequence (position back to 0); keeps the buffers.
 void nm_engine_reset(nm_engine *e);
-int nm_engine_position(const nm_engine *e);
 // The longest sequence this engine holds.
 int nm_engine_capacity(const nm_engine *e);
 
