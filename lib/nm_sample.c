@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "nm_image.h"
+#include "nm_trace.h"
 
 void nm_sample_free(nm_sample *s) {
     nm_sequence_free(&s->seq);
