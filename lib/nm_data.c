@@ -1251,6 +1251,11 @@ static void rec_free(nm_data_record *r) {
     free(r->prompt);
     free(r->answer);
     free(r->task);
+    for (int i = 0; i < r->n_objects; i++) {
+        free(r->objects[i].kind);
+        free(r->objects[i].colour);
+    }
+    free(r->objects);
 }
 
 void nm_dataset_free(nm_dataset *d) {
@@ -1259,6 +1264,75 @@ void nm_dataset_free(nm_dataset *d) {
     free(d->rec);
     free(d->dir);
     memset(d, 0, sizeof *d);
+}
+
+// A string field that must be a non-empty string without NUL characters when present.
+// Returns 0 when fine (*out = the string, or NULL when absent), else writes why.
+static int opt_string(json_t *o, const char *key, const char *where, const char **out, char *why, size_t cap) {
+    json_t *v = json_object_get(o, key);
+    *out = NULL;
+    if (!v) return 0;
+    if (!json_is_string(v) || json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
+        snprintf(why, cap, "%s\"%s\" must be a non-empty string", where, key);
+        return -1;
+    }
+    *out = json_string_value(v);
+    return 0;
+}
+
+// The optional ground truth: "background" and "objects" (nm_data.h).
+static const char *parse_truth(json_t *j, nm_data_record *r, char *why, size_t cap) {
+    json_t *bg = json_object_get(j, "background");
+    if (bg) {
+        const char *b = json_string_value(bg);
+        if (b && !strcmp(b, "flat")) r->background = NM_DATA_BG_FLAT;
+        else if (b && !strcmp(b, "texture")) r->background = NM_DATA_BG_TEXTURE;
+        else return "field \"background\" must be \"flat\" or \"texture\"";
+    }
+    json_t *objs = json_object_get(j, "objects");
+    if (!objs) return NULL;
+    if (!json_is_array(objs)) return "field \"objects\" must be an array";
+    size_t n = json_array_size(objs);
+    r->has_objects = 1;
+    if (n == 0) return NULL;
+    r->objects = calloc(n, sizeof *r->objects);
+    if (!r->objects) return "out of memory";
+    for (size_t i = 0; i < n; i++) {
+        json_t *o = json_array_get(objs, i);
+        char where[64];
+        snprintf(where, sizeof where, "objects[%zu]: ", i);
+        if (!json_is_object(o)) {
+            snprintf(why, cap, "objects[%zu] must be a JSON object", i);
+            return why;
+        }
+        const char *kind, *colour;
+        if (opt_string(o, "kind", where, &kind, why, cap) || opt_string(o, "colour", where, &colour, why, cap)) return why;
+        if (!kind) {
+            snprintf(why, cap, "objects[%zu]: missing field \"kind\"", i);
+            return why;
+        }
+        json_t *b = json_object_get(o, "bbox");
+        int ok = json_is_array(b) && json_array_size(b) == 4;
+        long long v[4] = {0, 0, 0, 0};
+        for (size_t k = 0; ok && k < 4; k++) {
+            json_t *e = json_array_get(b, k);
+            ok = json_is_integer(e);
+            if (ok) v[k] = json_integer_value(e);
+            ok = ok && v[k] >= 0 && v[k] <= NM_DATA_MAX_COORD;
+        }
+        if (!ok || v[0] >= v[2] || v[1] >= v[3]) {
+            snprintf(why, cap, "objects[%zu]: \"bbox\" must be 4 integers [x0, y0, x1, y1] with 0 <= x0 < x1 <= %d and 0 <= y0 < y1 <= %d",
+                     i, NM_DATA_MAX_COORD, NM_DATA_MAX_COORD);
+            return why;
+        }
+        nm_data_object *d = &r->objects[i];
+        r->n_objects = (int)i + 1; // freed by rec_free from here on
+        for (int k = 0; k < 4; k++) d->bbox[k] = (int)v[k];
+        d->kind = dupstr(kind);
+        d->colour = colour ? dupstr(colour) : NULL;
+        if (!d->kind || (colour && !d->colour)) return "out of memory";
+    }
+    return NULL;
 }
 
 // Checks one parsed line; fills r. Returns NULL or what is wrong.
@@ -1298,7 +1372,33 @@ static const char *parse_record(json_t *j, const char *dir, nm_data_record *r, c
         if (!r->image) return "out of memory";
     }
     if (!r->id || !r->prompt || !r->answer || !r->task) return "out of memory";
-    return NULL;
+    return parse_truth(j, r, why, cap);
+}
+
+// "image_size" of DIR/info.json into *size; 0 when the file does not exist.
+static nm_status read_info_size(const char *dir, int *size, nm_error *err) {
+    *size = 0;
+    char *path = nm_path_join(dir, "info.json"), *text = NULL;
+    if (!path) return NM_NOMEM(err, "a path");
+    nm_status st = NM_OK;
+    size_t n;
+    if (!nm_path_exists(path)) goto done;
+    if ((st = nm_read_file(path, 1 << 20, &text, &n, err)) != NM_OK) goto done;
+    json_error_t je;
+    json_t *j = json_loadb(text, n, 0, &je);
+    if (!j) {
+        st = nm_fail(err, NM_ERR_FORMAT, "%s:%d: bad JSON: %s", path, je.line, je.text);
+        goto done;
+    }
+    json_t *v = json_object_get(j, "image_size");
+    if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > NM_DATA_MAX_COORD)
+        st = nm_fail(err, NM_ERR_FORMAT, "%s: \"image_size\" must be an integer 1..%d", path, NM_DATA_MAX_COORD);
+    else *size = (int)json_integer_value(v);
+    json_decref(j);
+done:
+    free(text);
+    free(path);
+    return st;
 }
 
 nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_error *err) {
@@ -1324,6 +1424,7 @@ nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_
         st = NM_NOMEM(err, "a path");
         goto done;
     }
+    if ((st = read_info_size(dir, &d->image_size, err)) != NM_OK) goto done;
     while ((n = getline(&line, &cap, f)) >= 0) {
         lineno++;
         if (n > 0 && line[n - 1] == '\n') line[--n] = '\0';
@@ -1369,7 +1470,7 @@ nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_
         }
         nm_data_record *r = &d->rec[d->n];
         memset(r, 0, sizeof *r);
-        char why[128];
+        char why[256];
         const char *bad_rec = parse_record(j, dir, r, why, sizeof why);
         json_decref(j);
         if (bad_rec) {

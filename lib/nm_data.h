@@ -67,22 +67,45 @@ typedef struct {
 #define NM_DATA_N_COLOURS 6
 extern const nm_data_colour nm_data_colours[NM_DATA_N_COLOURS];
 
+// Background kind of an image record ("background"); UNKNOWN when the record has none.
+enum { NM_DATA_BG_UNKNOWN = 0, NM_DATA_BG_FLAT = 1, NM_DATA_BG_TEXTURE = 2 };
+// Largest bbox coordinate the reader accepts (the image itself is checked by its user).
+#define NM_DATA_MAX_COORD (1 << 24)
+
+// One entry of a record's "objects".
+typedef struct {
+    char *kind;   // "circle", "square", "triangle", "word", "bar" (any non-empty string is read)
+    char *colour; // NULL when the object has no "colour"
+    int bbox[4];  // x0, y0, x1, y1 in the data image's pixels, x1/y1 exclusive; 0 <= x0 < x1, 0 <= y0 < y1
+} nm_data_object;
+
 typedef struct {
     char *id;
     char *image; // DIR joined with the record's relative path (or the path as is if absolute); NULL: text-only
     char *prompt, *answer, *task;
+    // Ground truth for evaluation; all optional (text records have none).
+    int background;          // NM_DATA_BG_*
+    int has_objects;         // 1 when the record has "objects" (possibly empty): every pixel outside
+                             // the bboxes is background; 0: unknown, the image cannot be split
+    int n_objects;
+    nm_data_object *objects; // [n_objects]
 } nm_data_record;
 
 typedef struct {
     nm_data_record *rec;
     int n;
     char *dir;
+    int image_size; // "image_size" of DIR/info.json (images are square); 0 when there is no info.json
 } nm_dataset;
 
 // Loads DIR/<split>.jsonl (split "train" or "eval"). A malformed line (bad JSON, not an object,
 // a missing or mistyped field, an empty prompt/answer, invalid UTF-8, a line over
 // NM_DATA_MAX_LINE) fails with NM_ERR_FORMAT and a message "FILE:LINE: what is wrong".
-// Extra keys are ignored. d is zeroed on failure.
+// The optional fields are checked when present: "background" must be "flat" or "texture";
+// "objects" an array of objects, each with a non-empty string "kind", an optional string
+// "colour" and a "bbox" of 4 integers 0 <= x0 < x1 <= NM_DATA_MAX_COORD (likewise y).
+// DIR/info.json is read when present (a malformed one, or one without a positive integer
+// "image_size", fails naming it). Other keys are ignored. d is zeroed on failure.
 nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_error *err);
 void nm_dataset_free(nm_dataset *d); // safe on a zeroed d
 

@@ -509,7 +509,26 @@ START_TEST(test_reader_roundtrip) {
                 struct stat st;
                 ck_assert_int_eq(stat(ds.rec[i].image, &st), 0);
             }
+            // the ground truth: background kind and every object's kind, colour and bbox
+            json_t *bg = json_object_get(r, "background");
+            ck_assert_int_eq(ds.rec[i].background, !bg ? NM_DATA_BG_UNKNOWN
+                                                   : !strcmp(json_string_value(bg), "flat") ? NM_DATA_BG_FLAT
+                                                                                             : NM_DATA_BG_TEXTURE);
+            json_t *objs = json_object_get(r, "objects");
+            ck_assert_int_eq(ds.rec[i].has_objects, objs != NULL);
+            ck_assert_int_eq(ds.rec[i].n_objects, objs ? (int)json_array_size(objs) : 0);
+            ck_assert_int_eq(ds.rec[i].has_objects, !json_is_null(im)); // image records have objects, text ones none
+            for (int k = 0; k < ds.rec[i].n_objects; k++) {
+                json_t *o = json_array_get(objs, (size_t)k);
+                const nm_data_object *ob = &ds.rec[i].objects[k];
+                ck_assert_str_eq(ob->kind, sget(o, "kind"));
+                ck_assert_str_eq(ob->colour, sget(o, "colour"));
+                int b[4];
+                bbox_of(o, b);
+                for (int c = 0; c < 4; c++) ck_assert_int_eq(ob->bbox[c], b[c]);
+            }
         }
+        ck_assert_int_eq(ds.image_size, 32); // from info.json
         json_decref(arr);
         nm_dataset_free(&ds);
         nm_dataset_free(&ds); // twice is safe
@@ -552,6 +571,82 @@ START_TEST(test_reader_malformed) {
     expect_bad(tmp, buf, strlen(buf), "train.jsonl:1", "\"answer\" is empty");
     snprintf(buf, sizeof buf, "{\"id\":7,\"image\":null,\"prompt\":\"p\",\"answer\":\"a\",\"task\":\"text\"}\n");
     expect_bad(tmp, buf, strlen(buf), "train.jsonl:1", "\"id\" must be a string");
+    // the optional ground truth, when present, is checked as strictly
+    static const struct {
+        const char *extra, *what;
+    } truth[] = {
+        {"\"background\":\"plaid\"", "\"background\" must be \"flat\" or \"texture\""},
+        {"\"background\":1", "\"background\" must be"},
+        {"\"objects\":{}", "\"objects\" must be an array"},
+        {"\"objects\":[3]", "objects[0] must be a JSON object"},
+        {"\"objects\":[{\"bbox\":[0,0,1,1]}]", "objects[0]: missing field \"kind\""},
+        {"\"objects\":[{\"kind\":\"\",\"bbox\":[0,0,1,1]}]", "objects[0]: \"kind\" must be a non-empty string"},
+        {"\"objects\":[{\"kind\":\"bar\",\"colour\":5,\"bbox\":[0,0,1,1]}]", "objects[0]: \"colour\""},
+        {"\"objects\":[{\"kind\":\"bar\",\"bbox\":[0,0,1,1]},{\"kind\":\"bar\"}]", "objects[1]: \"bbox\" must be 4 integers"},
+        {"\"objects\":[{\"kind\":\"bar\",\"bbox\":[0,0,1]}]", "objects[0]: \"bbox\" must be 4 integers"},
+        {"\"objects\":[{\"kind\":\"bar\",\"bbox\":[0,0,1.5,2]}]", "\"bbox\" must be 4 integers"},
+        {"\"objects\":[{\"kind\":\"bar\",\"bbox\":[-1,0,1,2]}]", "\"bbox\" must be 4 integers"},
+        {"\"objects\":[{\"kind\":\"bar\",\"bbox\":[4,0,4,2]}]", "x0 < x1"}, // empty box
+        {"\"objects\":[{\"kind\":\"bar\",\"bbox\":[0,5,3,2]}]", "y0 < y1"},
+        {"\"objects\":[{\"kind\":\"bar\",\"bbox\":[0,0,3,99999999]}]", "\"bbox\" must be 4 integers"},
+    };
+    for (size_t i = 0; i < sizeof truth / sizeof truth[0]; i++) {
+        snprintf(buf, sizeof buf, "%s{\"id\":\"t-2\",\"image\":\"a.png\",\"prompt\":\"p\",\"answer\":\"a\",\"task\":\"x\",%s}\n", good,
+                 truth[i].extra);
+        expect_bad(tmp, buf, strlen(buf), "train.jsonl:2", truth[i].what);
+    }
+    // present and well-formed: read back; an empty "objects" says "no object" (all background)
+    snprintf(buf, sizeof buf,
+             "{\"id\":\"i-1\",\"image\":\"a.png\",\"prompt\":\"p\",\"answer\":\"a\",\"task\":\"x\",\"background\":\"texture\","
+             "\"objects\":[{\"kind\":\"word\",\"bbox\":[1,2,30,4],\"text\":\"GO\"},{\"kind\":\"bar\",\"colour\":\"red\",\"bbox\":[0,0,%d,%d]}]}\n"
+             "{\"id\":\"i-2\",\"image\":\"b.png\",\"prompt\":\"p\",\"answer\":\"a\",\"task\":\"x\",\"background\":\"flat\",\"objects\":[]}\n%s",
+             NM_DATA_MAX_COORD, NM_DATA_MAX_COORD, good);
+    ck_assert_int_eq(nm_test_write_file(nm_test_path(tmp, "train.jsonl"), buf, strlen(buf)), 0);
+    {
+        nm_dataset ds;
+        nm_error err = {0};
+        ck_assert_msg(nm_dataset_load(&ds, tmp, "train", &err) == NM_OK, "%s", err.msg);
+        ck_assert_int_eq(ds.n, 3);
+        ck_assert_int_eq(ds.image_size, 0); // no info.json
+        ck_assert_int_eq(ds.rec[0].background, NM_DATA_BG_TEXTURE);
+        ck_assert_int_eq(ds.rec[0].has_objects, 1);
+        ck_assert_int_eq(ds.rec[0].n_objects, 2);
+        ck_assert_str_eq(ds.rec[0].objects[0].kind, "word");
+        ck_assert_ptr_null(ds.rec[0].objects[0].colour);
+        ck_assert_int_eq(ds.rec[0].objects[0].bbox[0], 1);
+        ck_assert_int_eq(ds.rec[0].objects[0].bbox[3], 4);
+        ck_assert_str_eq(ds.rec[0].objects[1].colour, "red");
+        ck_assert_int_eq(ds.rec[0].objects[1].bbox[2], NM_DATA_MAX_COORD);
+        ck_assert_int_eq(ds.rec[1].background, NM_DATA_BG_FLAT);
+        ck_assert_int_eq(ds.rec[1].has_objects, 1);
+        ck_assert_int_eq(ds.rec[1].n_objects, 0);
+        ck_assert_int_eq(ds.rec[2].background, NM_DATA_BG_UNKNOWN);
+        ck_assert_int_eq(ds.rec[2].has_objects, 0);
+        nm_dataset_free(&ds);
+        // info.json: read when present, strict when read
+        static const struct {
+            const char *text, *what;
+        } infos[] = {{"{\"image_size\": 48}", NULL},
+                     {"{\"image_size\": 0}", "\"image_size\" must be an integer"},
+                     {"{\"image_size\": \"64\"}", "\"image_size\" must be an integer"},
+                     {"{\"format\": \"nullmap-data\"}", "\"image_size\" must be an integer"},
+                     {"{\"image_size\": 64", "bad JSON"}};
+        for (size_t i = 0; i < sizeof infos / sizeof infos[0]; i++) {
+            ck_assert_int_eq(nm_test_write_file(nm_test_path(tmp, "info.json"), infos[i].text, strlen(infos[i].text)), 0);
+            nm_status st = nm_dataset_load(&ds, tmp, "train", &err);
+            if (!infos[i].what) {
+                ck_assert_msg(st == NM_OK, "%s", err.msg);
+                ck_assert_int_eq(ds.image_size, 48);
+            } else {
+                ck_assert_int_eq(st, NM_ERR_FORMAT);
+                ck_assert_msg(strstr(err.msg, "info.json") && strstr(err.msg, infos[i].what), "'%s'", err.msg);
+                ck_assert_ptr_null(ds.rec);
+                ck_assert_int_eq(ds.image_size, 0);
+            }
+            nm_dataset_free(&ds);
+        }
+        remove(nm_test_path(tmp, "info.json"));
+    }
     // valid UTF-8 beyond ASCII, CRLF line ends and no final newline are fine
     snprintf(buf, sizeof buf, "{\"id\":\"t-1\",\"image\":\"a.png\",\"prompt\":\"caf\xC3\xA9 \xF0\x9F\x98\x80\",\"answer\":\"\xC3\xA9\",\"task\":\"x\"}\r\n%s",
              good);
