@@ -282,4 +282,50 @@ cmp -s dset/train.jsonl dset2/train.jsonl || fail "data: the same seed gave diff
 expect 2 "$NULLMAP" data --out dset3 --train 12 --eval 4 --image-size 8
 ok "data: PNG + JSONL train/eval split, reproducible for a seed, limits checked"
 
+# ---- eval ----
+expect 0 "$NULLMAP" eval --help
+contains "$LAST_OUT" "usage: nullmap eval" --model --data --split --limit --seed --json --force --max-new-tokens \
+    --threads "majority baseline"
+ok "eval --help lists its options"
+expect 0 "$NULLMAP" eval --model model --data dset --json ev.json --threads 1
+contains "$LAST_ERR" "4/4 records"
+contains "$LAST_OUT" "eval split: 4 of 4 records" "majority baseline" "answer loss" "background patches" \
+    "vs object patches" "flat background" "texture backgr." "vision " " vs text "
+grep -qE '^  all +4 ' "$LAST_OUT" || fail "eval: no 'all' row with n = 4"
+[ -s ev.json ] || fail "eval --json wrote nothing"
+if /usr/bin/python3 -c "import json" >/dev/null 2>&1; then
+    /usr/bin/python3 - ev.json >"$LAST_OUT" 2>"$LAST_ERR" <<'EOF2' || fail "eval JSON check"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["format"] == "nullmap-eval" and d["split"] == "eval", d["format"]
+o = d["overall"]
+assert o["n"] == 4 == len(d["records"]) == sum(t["n"] for t in d["tasks"]), o
+assert 0 <= o["accuracy"] <= 1 and o["correct"] == sum(r["correct"] for r in d["records"])
+p = d["patches"]
+g = p["groups"]["all"]
+assert g["background"]["n"] + g["object"]["n"] + p["neither"] == 16 * p["classified_records"], p
+assert len(d["modality"]["vision"]["layers"]) == d["num_layers"] == 2
+EOF2
+fi
+cp ev.json ev_first.json
+expect 3 "$NULLMAP" eval --model model --data dset --json ev.json
+contains "$LAST_ERR" "ev.json already exists" "--force"
+expect 0 "$NULLMAP" eval --model model --data dset --json ev.json --force
+cmp -s ev.json ev_first.json || fail "eval: two runs gave different JSON"
+ok "eval: tables on stdout, progress on stderr, JSON (atomic, --force to replace) identical on a second run"
+expect 0 "$NULLMAP" eval --model model --data dset --split train --limit 5 --seed 3
+contains "$LAST_OUT" "train split: 5 of 12 records (a random subset)"
+expect 2 "$NULLMAP" eval --model model --data dset --seed 3
+contains "$LAST_ERR" "--limit"
+ok "eval --split train --limit 5 --seed 3: a random subset; --seed without --limit is a usage error"
+expect 3 "$NULLMAP" eval --model model --data no_such_dir --json ev_missing.json
+contains "$LAST_ERR" "no_such_dir" "no such data set directory"
+[ ! -e ev_missing.json ] || fail "a failed eval wrote its JSON"
+sed '/"vision"/d' config.json >config_text.json
+expect 0 "$NULLMAP" init --config config_text.json --out model_text --seed 7
+expect 1 "$NULLMAP" eval --model model_text --data dset --json ev_text.json
+contains "$LAST_ERR" "eval.jsonl:" "text-only"
+[ ! -e ev_text.json ] && ! ls ev_text.json.tmp-* >/dev/null 2>&1 || fail "a failed eval left a JSON file behind"
+ok "eval errors: a missing data directory (exit 3), image records for a text-only model (exit 1), nothing written"
+
 echo "$passed passed, 0 failed"

@@ -25,6 +25,8 @@ static const char *USAGE =
     "  init    write a seeded random model from a config.json\n"
     "  report  tables of the compute metrics of one or more traces (report.md/.json/.csv)\n"
     "  data    write a synthetic vision-language data set (PNG + JSONL, train and eval splits)\n"
+    "  eval    evaluate a model on a data set split: accuracy per task against the majority\n"
+    "          baseline, answer/prompt loss, background vs object patch compute\n"
     "\n"
     "  nullmap <command> --help   options of a command\n"
     "  nullmap --version          version and backends\n"
@@ -66,6 +68,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "init")) return cmd_init(argc - 1, argv + 1);
     if (!strcmp(cmd, "report")) return cmd_report(argc - 1, argv + 1);
     if (!strcmp(cmd, "data")) return cmd_data(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
     fprintf(stderr, "nullmap: unknown command '%s'\n\n%s", cmd, USAGE);
     return EXIT_USAGE;
 }
