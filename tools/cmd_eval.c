@@ -31,7 +31,8 @@ static const char *HELP =
     "per layer and per background kind (flat / texture), and vision vs text intensity.\n"
     "\n"
     "  --model DIR            model directory                                      (required)\n"
-    "  --data DIR             data set directory (train.jsonl, eval.jsonl, info.json) (required)\n"
+    "  --data DIR             data set directory (train.jsonl, eval.jsonl,         (required)\n"
+    "                         info.json, images)\n"
     "  --split NAME           eval or train                                         (default eval)\n"
     "  --limit N              evaluate only N records: the first N, or with --seed a random N\n"
     "  --seed S               with --limit: draw the N records at random with this seed (kept\n"
@@ -39,7 +40,7 @@ static const char *HELP =
     "  --json FILE            also write every number (and each record's answer) as JSON\n"
     "  --force                replace an existing --json FILE\n"
     "  --max-new-tokens N     answer budget of the greedy generation, >= 1          (default 16)\n"
-    "  --threads N            worker threads                       (default: OMP_NUM_THREADS or all cores)\n"
+    "  --threads N            worker threads               (default: OMP_NUM_THREADS, else all cores)\n"
     "\n"
     "The JSON file is written beside FILE and renamed over it when complete; a failed run writes\n"
     "nothing. Losses are token means over all records; compute scores are pooled over the patches\n"
@@ -95,10 +96,12 @@ static void print_result(const nm_eval_result *r, const nm_config *cfg, const ch
             cfg->moe.num_experts, cfg->moe.null_copies, cfg->moe.top_k, nm_config_rho(cfg));
     fprintf(out, "data       %s  %s split: %d of %d records%s\n", data_dir, r->split, r->n, r->n_split,
             r->sample ? " (a random subset)" : r->n < r->n_split ? " (the first ones)" : "");
-    if (r->n_image_records)
-        fprintf(out, "images     %d records with an image (%dx%d in the data, the model sees %dx%d in %dx%d patches)\n",
-                r->n_image_records, r->data_image_size, r->data_image_size, r->model_image_size, r->model_image_size,
+    if (r->n_image_records) {
+        fprintf(out, "images     %d records with an image (", r->n_image_records);
+        if (r->data_image_size) fprintf(out, "%dx%d in the data, ", r->data_image_size, r->data_image_size);
+        fprintf(out, "the model sees %dx%d in %dx%d patches)\n", r->model_image_size, r->model_image_size,
                 r->model_image_size / r->patch_size, r->model_image_size / r->patch_size);
+    }
     fprintf(out, "answers    greedy, at most %d new tokens; correct = the text before EOS, leading spaces removed,\n"
                  "           equals the record's answer\n\n",
             r->max_new_tokens);
