@@ -525,7 +525,7 @@ nm_status nm_eval_run(nm_eval_result *r, const nm_model *m, const char *data_dir
     r->n_split = ds.n;
     r->n = n;
     r->limit = o.limit;
-    r->sample = o.sample && o.limit > 0;
+    r->sample = o.sample && n < ds.n; // a subset was drawn
     r->seed = o.seed;
     r->max_new_tokens = o.max_new_tokens;
     r->n_layers = L;

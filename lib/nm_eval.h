@@ -123,7 +123,8 @@ typedef struct {
     char *model, *data, *split;
     int n_split;    // records in the split
     int n;          // records evaluated
-    int limit, sample, max_new_tokens;
+    int limit, max_new_tokens;
+    int sample;     // 1: the records are a random subset drawn with `seed`
     uint64_t seed;
     int n_layers, top_k;
     int model_image_size, patch_size; // 0 for a text-only model

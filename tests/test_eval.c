@@ -545,6 +545,7 @@ START_TEST(test_limit_and_subset) {
     o = opts(100, 1, 7);
     run_ok(&e, &m, tmp, &o);
     ck_assert_int_eq(e.n, 12);
+    ck_assert_int_eq(e.sample, 0); // nothing was drawn
     // the train split
     nm_eval_result t;
     o = opts(0, 0, 1);
