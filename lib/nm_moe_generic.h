@@ -51,6 +51,8 @@ typedef struct {
     R *sh_hg, *sh_hu;  // (T, Hs) the shared expert's pre-activations
     R *sh_act;         // (T, Hs)
     R *null_mass;      // [T] written by the router, not needed after it
+    R *p_all;          // (T, N+1) softmax p over the expanded slots: each real expert's, and
+                       //          (column N) one null copy's; for L_bal, L_z and their backward
     double *share;     // [N+1] f_i of each real expert; [N]: all M null copies together
     double *psum;      // [N+1] sum over tokens of p_i; [N]: of one null copy's p
     // backward scratch: the backward cannot fail, so the forward sizes it
@@ -69,7 +71,8 @@ void FN(nm_moe_cache_free)(FN(nm_moe_cache) *c) {
     if (p) {
         free(p->offsets); free(p->cursor); free(p->work); free(p->row_slot); free(p->slot_row);
         free(p->xs); free(p->hg); free(p->hu); free(p->act); free(p->eo);
-        free(p->sh_hg); free(p->sh_hu); free(p->sh_act); free(p->null_mass); free(p->share); free(p->psum);
+        free(p->sh_hg); free(p->sh_hu); free(p->sh_act); free(p->null_mass); free(p->p_all);
+        free(p->share); free(p->psum);
         free(p->dgate); free(p->dxs); free(p->dz); free(p->sh_dh); free(p->scratch);
         free(p);
     }
@@ -99,6 +102,7 @@ static nm_status FN(reserve_tokens)(FN(nm_moe_cache) *c, const nm_moe_config *mc
                    GROW(p->work, B_WORK, N * sizeof(int64_t)) && GROW(p->slot_row, B_SLOT_ROW, TK * sizeof(int32_t)) &&
                    GROW(p->sh_hg, B_SH_HG, t * Hs * r) && GROW(p->sh_hu, B_SH_HU, t * Hs * r) &&
                    GROW(p->sh_act, B_SH_ACT, t * Hs * r) && GROW(p->null_mass, B_NULL_MASS, t * r) &&
+                   GROW(p->p_all, B_P_ALL, t * S * r) &&
                    GROW(p->share, B_SHARE, S * sizeof(double)) && GROW(p->psum, B_PSUM, S * sizeof(double)) &&
                    GROW(p->dgate, B_DGATE, TK * r) && GROW(p->dz, B_DZ, t * S * r) &&
                    GROW(p->sh_dh, B_SH_DH, 2 * t * Hs * r);
@@ -203,9 +207,18 @@ static void FN(expert_forward)(FN(moe_priv) *p, const R *y, const FN(nm_moe_para
     GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, n, D, H, 1, act, H, wd, H, 0, eo, D); // eo = act Wd^T
 }
 
-// p_i of token t over the expanded slots: a real expert's, or (i = N) one null copy's.
-static inline double FN(slot_p)(const FN(nm_moe_cache) *c, int t, int i, int N) {
-    return exp((double)c->logits[(size_t)t * (N + 1) + i] - (double)c->lse[t]);
+// p_all: every token's softmax p over the expanded slots, once (tokens in parallel): a real
+// expert's p_i, and in column N one null copy's (0 when M = 0: the null logit is not a slot).
+static void FN(softmax_all)(FN(moe_priv) *p, const FN(nm_moe_cache) *c, const nm_moe_config *mc, int T) {
+    const int N = mc->num_experts, M = mc->null_copies, S = N + 1;
+    #pragma omp parallel for schedule(static) if ((size_t)T * S >= 16384)
+    for (int t = 0; t < T; t++) {
+        const R *z = c->logits + (size_t)t * S;
+        R *pt = p->p_all + (size_t)t * S;
+        const double lse = c->lse[t];
+        for (int i = 0; i < N; i++) pt[i] = (R)exp((double)z[i] - lse);
+        pt[N] = M > 0 ? (R)exp((double)z[N] - lse) : 0;
+    }
 }
 
 // L_bal = (N+M) sum_i f_i P_i and L_z = mean_t lse_t^2 over this call's T tokens. The M null
@@ -222,8 +235,8 @@ static void FN(losses_forward)(FN(nm_moe_cache) *c, const nm_moe_config *mc, int
     double zz = 0.0;
     long real = 0;
     for (int t = 0; t < T; t++) {
-        for (int i = 0; i < N; i++) p->psum[i] += FN(slot_p)(c, t, i, N);
-        if (M > 0) p->psum[N] += FN(slot_p)(c, t, N, N);
+        const R *pt = p->p_all + (size_t)t * (N + 1);
+        for (int i = 0; i <= N; i++) p->psum[i] += pt[i];
         zz += (double)c->lse[t] * c->lse[t];
         real += c->n_real[t];
     }
@@ -288,6 +301,7 @@ nm_status FN(nm_moe_train_forward)(R *out, FN(nm_moe_cache) *c, const R *y, cons
     }
 
     // 6. the auxiliary losses
+    FN(softmax_all)(p, c, mc, T);
     FN(losses_forward)(c, mc, T);
     c->T = T;
     return NM_OK;
@@ -338,14 +352,11 @@ static void FN(router_backward_token)(R *dz, const FN(nm_moe_cache) *c, const FN
                                       int D) {
     const int N = mc->num_experts, M = mc->null_copies, K = mc->top_k, copy = mc->null_kind == NM_NULL_COPY;
     const double cb = w_bal * (N + M) / T, cz = 2.0 * w_z * (double)c->lse[t] / T;
-    const double pc = M > 0 ? FN(slot_p)(c, t, N, N) : 0.0; // one null copy's p
-    double s = pc * cb * p->share[N];
-    for (int i = 0; i < N; i++) s += FN(slot_p)(c, t, i, N) * cb * p->share[i];
-    for (int i = 0; i < N; i++) {
-        const double pi = FN(slot_p)(c, t, i, N);
-        dz[i] = (R)(pi * (cb * p->share[i] - s + cz));
-    }
-    dz[N] = (R)(pc * (cb * p->share[N] - M * s + M * cz)); // M = 0: z_N is not used at all
+    const R *pt = p->p_all + (size_t)t * (N + 1); // pt[N]: one null copy's p (0 when M = 0)
+    double s = 0.0;
+    for (int i = 0; i <= N; i++) s += (double)pt[i] * cb * p->share[i];
+    for (int i = 0; i < N; i++) dz[i] = (R)(pt[i] * (cb * p->share[i] - s + cz));
+    dz[N] = (R)(pt[N] * (cb * p->share[N] - M * s + M * cz)); // M = 0: z_N is not used at all
     const int16_t *sl = c->slot + (size_t)t * K;
     const R *g = c->gate + (size_t)t * K, *dg = p->dgate + (size_t)t * K;
     double dg_null = 0.0;

@@ -17,7 +17,7 @@
 enum {
     B_N_REAL, B_SLOT, B_LOGITS, B_PROB, B_GATE, B_LSE,                          // public (nm_moe_cache)
     B_OFFSETS, B_CURSOR, B_WORK, B_ROW_SLOT, B_SLOT_ROW, B_XS, B_HG, B_HU, B_ACT, B_EO, // forward
-    B_SH_HG, B_SH_HU, B_SH_ACT, B_NULL_MASS, B_SHARE, B_PSUM,
+    B_SH_HG, B_SH_HU, B_SH_ACT, B_NULL_MASS, B_P_ALL, B_SHARE, B_PSUM,
     B_DGATE, B_DXS, B_DZ, B_SH_DH, B_SCRATCH,                                    // backward scratch
     B_COUNT
 };

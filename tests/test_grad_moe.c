@@ -13,6 +13,8 @@
 // 2. the gradient rule: parameter gradients +=, dy = over NaN.
 // 3. float32 vs float64 on the same (float32-rounded) inputs: identical routing, norm-relative
 //    max |a32 - a64| / max |a64| <= 1e-4 for out and every gradient, the losses within 1e-4.
+// 4. the float64 output against nm_moe_forward_naive, inference's token-by-token definition
+//    (a forward wrong in a way its backward follows passes the finite differences).
 // Then: the f32 training forward against the inference layer (nm_moe_forward: identical routing,
 // out within 1e-5); bit-identical results across runs, thread counts and a reused cache; hand-
 // worked L_bal / L_z values (uniform routing gives L_bal = 1); and the float64 path against the
@@ -362,6 +364,23 @@ static double check_f32(mcase *c) {
     return worst;
 }
 
+// The float64 forward against the inference's float64 definition, computed token by token
+// (nm_moe_forward_naive: no sorting, no grouping), on the same float32 inputs. Finite
+// differences cannot see a forward that is wrong in a way its backward follows.
+static void check_naive(mcase *c) {
+    forward64(c);
+    const int sh = c->mc.shared_expert_hidden > 0;
+    const nm_moe_weights w = {c->fv[P_ROUTER], c->fv[P_GATE], c->fv[P_UP], c->fv[P_DOWN], sh ? c->fv[P_SH_GATE] : NULL,
+                              sh ? c->fv[P_SH_UP] : NULL, sh ? c->fv[P_SH_DOWN] : NULL};
+    const size_t n = (size_t)c->T * c->D;
+    double *ref = xcalloc(n, sizeof *ref), e = 0.0;
+    nm_moe_forward_naive(ref, c->fv[P_Y], &w, &c->mc, c->T, c->D);
+    for (size_t j = 0; j < n; j++) e = fmax(e, fabs(c->out[j] - ref[j]) / fmax(1.0, fabs(ref[j])));
+    printf("grad_moe %-12s out vs nm_moe_forward_naive %.2e\n", c->name, e);
+    ck_assert_msg(e <= 1e-12, "%s: float64 forward differs from nm_moe_forward_naive by %.3e", c->name, e);
+    free(ref);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finite-difference cases (T tokens, D features; sizes small enough for ~2000 forwards each)
 
@@ -386,6 +405,7 @@ START_TEST(test_fd) {
            c.mc.top_k, c.mc.shared_expert_hidden, c.mc.null_kind == NM_NULL_COPY ? "copy" : "zero");
     for (int k = 0; k <= c.mc.top_k; k++) printf(" %d", hist[k]);
     printf(", L_bal %.4f L_z %.4f\n", c.c64.l_bal, c.c64.l_z);
+    check_naive(&c);
     check_rule(&c);
     const double e1 = check_fd(&c, ~0u), e2 = check_f32(&c);
     printf("grad_moe %-12s worst: fd %.2e, f32 %.2e\n", c.name, e1, e2);
