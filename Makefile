@@ -146,7 +146,7 @@ install: all
 	install -m 755 $(NULLMAP) $(DESTDIR)$(PREFIX)/bin/nullmap
 	install -m 644 $(BUILD)/libnullmap.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 755 $(BUILD)/libnullmap.so $(DESTDIR)$(PREFIX)/lib/
-	install -m 644 $(filter-out lib/nm_simd.h lib/nm_ops_generic.h,$(wildcard lib/*.h)) $(wildcard viz/*.h) $(DESTDIR)$(PREFIX)/include/nullmap/
+	install -m 644 $(filter-out lib/nm_simd.h lib/nm_ops_generic.h lib/nm_moe_generic.h lib/nm_train_model_generic.h,$(wildcard lib/*.h)) $(wildcard viz/*.h) $(DESTDIR)$(PREFIX)/include/nullmap/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_DIR@|$(BLAS_DIR)|' \
 	    lib/nullmap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/nullmap.pc
 

@@ -54,6 +54,7 @@ const char *nm_status_name(nm_status s) {
     case NM_ERR_LIMIT: return "limit exceeded";
     case NM_ERR_NOMEM: return "out of memory";
     case NM_ERR_INTERNAL: return "internal error";
+    case NM_ERR_DIVERGED: return "training diverged";
     }
     return "unknown error";
 }

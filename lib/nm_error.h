@@ -15,6 +15,7 @@ typedef enum {
     NM_ERR_LIMIT,       // a size exceeds a documented limit (huge image, sequence too long…)
     NM_ERR_NOMEM,       // an allocation failed
     NM_ERR_INTERNAL,    // a library bug (a broken invariant); never caused by user input
+    NM_ERR_DIVERGED,    // training produced a non-finite loss or gradient
 } nm_status;
 
 typedef struct {

@@ -107,6 +107,8 @@ static nm_status model_alloc(nm_model *m, const nm_config *cfg, nm_tensor_spec *
         return nm_fail(err, NM_ERR_NOMEM, "out of memory allocating %zu model parameters (%.1f MiB)", total,
                        total * 4.0 / 1048576.0);
     }
+    memset(m->arena, 0, total * sizeof(float)); // padding stays zero: flat loops over the arena are safe
+    m->arena_len = total;
     m->n_params = 0;
     size_t off = 0;
     for (int i = 0; i < n; i++) {
@@ -260,6 +262,16 @@ nm_status nm_model_init_random(nm_model *m, const nm_config *cfg, uint64_t seed,
             }
         }
     }
+    free(specs);
+    return NM_OK;
+}
+
+nm_status nm_model_init_zero(nm_model *m, const nm_config *cfg, nm_error *err) {
+    nm_status s = nm_config_validate(cfg, "config", err);
+    if (s != NM_OK) return s;
+    nm_tensor_spec *specs;
+    int n;
+    if ((s = model_alloc(m, cfg, &specs, &n, err)) != NM_OK) return s;
     free(specs);
     return NM_OK;
 }

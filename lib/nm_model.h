@@ -45,7 +45,8 @@ typedef struct {
     float *norm;      // (D)
     float *lm_head;   // (V, D); equals embed when tie_embeddings
     float *arena;     // one allocation holding every weight
-    size_t n_params;  // floats in the arena
+    size_t n_params;  // parameters (the arena also holds padding: each tensor starts 64-byte aligned)
+    size_t arena_len; // floats in the arena, padding included (padding is zero)
     nm_dtype file_dtype; // dtype of the loaded file (F32 for a fresh init)
 } nm_model;
 
@@ -54,6 +55,8 @@ typedef struct {
 nm_status nm_model_load(nm_model *m, const char *dir, nm_error *err);
 // Allocates and fills a seeded random model (deterministic for a seed on every machine).
 nm_status nm_model_init_random(nm_model *m, const nm_config *cfg, uint64_t seed, nm_error *err);
+// Allocates a model with every weight (and the padding) zero: gradient and optimizer buffers.
+nm_status nm_model_init_zero(nm_model *m, const nm_config *cfg, nm_error *err);
 // Writes DIR/config.json and DIR/model.safetensors (each atomically) in dtype F32/F16/BF16.
 // Creates DIR if needed.
 nm_status nm_model_save(const nm_model *m, const char *dir, nm_dtype dtype, nm_error *err);

@@ -14,7 +14,7 @@
 // in double, attention scale is 1/sqrt(hd). The f32 matrix products go through cblas_sgemm,
 // the f64 ones through cblas_dgemm.
 //
-// The MoE router / experts backward and the losses L_bal, L_z are not here yet.
+// The MoE layer (router, experts, gates) and the losses L_bal, L_z: nm_train_moe.h.
 #ifndef NM_TRAIN_OPS_H
 #define NM_TRAIN_OPS_H
 

@@ -16,6 +16,13 @@
 #include "nm_tokenizer.h"  // byte tokenizer, sequence layout
 #include "nm_train_ops.h"  // forward/backward pairs of the dense ops (f32 and f64), for training
 #include "nm_data.h"       // the synthetic training data set: generator and reader
+#include "nm_sample.h"     // a data-set record as model input: sequence, pixels, loss targets
+#include "nm_eval.h"       // evaluation of a model on a data set split (nullmap eval)
+#include "nm_train_moe.h"  // the MoE layer's training forward/backward, L_bal and L_z
+#include "nm_train_model.h" // the whole model's training forward/backward over a packed batch
+#include "nm_optim.h"      // AdamW, the WSD schedule, gradient clipping
+#include "nm_tensor_file.h" // F32 safetensors files (optimizer state)
+#include "nm_train.h"      // the training loop: checkpoints, resume, log (nullmap train)
 #include "nm_trace.h"      // trace samples and HDF5 trace files
 
 // viz/: the cairo renderers

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 
 #include "nm_simd.h"
+#include "nm_viz.h"
 #include "test_util.h"
 
 #define MAX_SUITES 64
@@ -24,6 +25,7 @@ int main(void) {
         fprintf(stderr, "check_main: no suites registered\n");
         return 2;
     }
+    atexit(nm_viz_release_static); // cairo and fontconfig caches: valgrind then sees no leak
     static const char *isa_names[] = {"portable C", "AVX2", "AVX-512"};
     printf("vector path: %s (NM_ISA=generic|avx2 selects a lower one)\n", isa_names[nm_isa()]);
     SRunner *sr = srunner_create(suites[0].make());

@@ -17,6 +17,7 @@ int cli_exit_code(nm_status s) {
     case NM_ERR_LIMIT: return EXIT_BAD_INPUT;
     case NM_ERR_NOMEM:
     case NM_ERR_INTERNAL: return EXIT_INTERNAL;
+    case NM_ERR_DIVERGED: return EXIT_DIVERGED;
     }
     return EXIT_INTERNAL;
 }

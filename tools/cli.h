@@ -15,6 +15,7 @@ enum {
     EXIT_USAGE = 2,     // the command line is wrong
     EXIT_IO = 3,        // a file is missing, unreadable or unwritable
     EXIT_INTERNAL = 4,  // out of memory or a bug
+    EXIT_DIVERGED = 5,  // training stopped on a non-finite loss or gradient
 };
 
 int cli_exit_code(nm_status s);
@@ -54,6 +55,7 @@ int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_report(int argc, char **argv);
 int cmd_data(int argc, char **argv);
+int cmd_train(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 
 #endif

@@ -25,6 +25,7 @@ static const char *USAGE =
     "  init    write a seeded random model from a config.json\n"
     "  report  tables of the compute metrics of one or more traces (report.md/.json/.csv)\n"
     "  data    write a synthetic vision-language data set (PNG + JSONL, train and eval splits)\n"
+    "  train   train a model on a data set (AdamW + WSD, checkpoints, --resume)\n"
     "  eval    evaluate a model on a data set split: accuracy per task against the majority\n"
     "          baseline, answer/prompt loss, background vs object patch compute\n"
     "\n"
@@ -32,7 +33,8 @@ static const char *USAGE =
     "  nullmap --version          version and backends\n"
     "\n"
     "exit codes: 0 ok, 1 bad input (malformed/unsupported/over a limit), 2 usage error,\n"
-    "            3 file missing/unreadable/unwritable, 4 out of memory or internal error\n";
+    "            3 file missing/unreadable/unwritable, 4 out of memory or internal error,\n"
+    "            5 training diverged (non-finite loss; the last checkpoint is kept)\n";
 
 // OpenMP worker threads spin between parallel regions by default. On a 2-core machine shared
 // with other work that made a batch 11x slower (measured; ../shared/FINDINGS.md warns of the
@@ -68,6 +70,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "init")) return cmd_init(argc - 1, argv + 1);
     if (!strcmp(cmd, "report")) return cmd_report(argc - 1, argv + 1);
     if (!strcmp(cmd, "data")) return cmd_data(argc - 1, argv + 1);
+    if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
     fprintf(stderr, "nullmap: unknown command '%s'\n\n%s", cmd, USAGE);
     return EXIT_USAGE;

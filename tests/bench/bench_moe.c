@@ -38,7 +38,10 @@
 #include "nm_model.h"
 #include "nm_moe.h"
 #include "nm_rng.h"
+#include "nm_optim.h"
+#include "nm_sample.h"
 #include "nm_trace.h"
+#include "nm_train_model.h"
 
 enum { D = 512, H = 256, N = 64, T_BIG = 2048, T_SMALL = 256 };
 
@@ -122,7 +125,7 @@ static double other_load(load_mark a, load_mark b) {
 
 typedef struct {
     char name[96], measured[96], bar[48];
-    int status; // 1 pass, 0 fail, -1 skipped
+    int status; // 1 pass, 0 fail, -1 skipped, 2 a measurement the bar asks to report
 } bar_item;
 static bar_item items[16];
 static int n_items;
@@ -459,6 +462,115 @@ fail:
     exit(1);
 }
 
+// ---- 5. a training step vs forward passes of the same batch ----
+
+static void bench_train(int reps) {
+    // The shipped model's shape (samples/configs/k8_rho0.5.json): D = 128, 4 layers, 4 heads of
+    // 32 (2 kv heads), N = 16 experts of H = 64 + a shared expert of 64, K^8_0.5, 64x64 images in
+    // 8x8 patches; a batch of 32 image samples of 64 patches + 50 prompt bytes + 5 answer bytes.
+    nm_config c = {0};
+    c.format_version = 1;
+    c.hidden_size = 128;
+    c.num_layers = 4;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.head_dim = 32;
+    c.vocab_size = 261;
+    c.max_positions = 256;
+    c.rope_theta = 10000.0;
+    c.rms_norm_eps = 1e-6;
+    c.moe = (nm_moe_config){.num_experts = 16, .null_copies = 16, .top_k = 8, .expert_hidden = 64,
+                            .shared_expert_hidden = 64, .null_kind = NM_NULL_ZERO};
+    c.has_vision = 1;
+    c.image_size = 64;
+    c.patch_size = 8;
+    c.channels = 3;
+    c.tok = (nm_tokenizer_config){.bos = 256, .eos = 257, .image_start = 258, .image_end = 259, .pad = 260};
+    enum { B = 32, NP = 64, PROMPT = 50, ANSWER = 5, TS = 3 + NP + PROMPT + ANSWER };
+    const int T = B * TS, pp = 3 * 8 * 8;
+    nm_error err = {0};
+    nm_model m = {0}, g = {0}, m1 = {0}, m2 = {0};
+    nm_param_layout pl = {0};
+    if (nm_model_init_random(&m, &c, 3, &err) != NM_OK || nm_model_init_zero(&g, &c, &err) != NM_OK ||
+        nm_model_init_zero(&m1, &c, &err) != NM_OK || nm_model_init_zero(&m2, &c, &err) != NM_OK ||
+        nm_param_layout_init(&pl, &c, &err) != NM_OK) {
+        fprintf(stderr, "bench_moe: training setup failed: %s\n", err.msg);
+        exit(1);
+    }
+    nm_train_batch_f32 b = {0};
+    if (nm_train_batch_reserve_f32(&b, B, T, B * NP, 8, &err) != NM_OK) exit(1);
+    b.B = B, b.T = T, b.n_patch = B * NP;
+    nm_rng r;
+    nm_rng_seed(&r, 5);
+    for (int s = 0; s <= B; s++) b.start[s] = s * TS;
+    for (int s = 0; s < B; s++)
+        for (int j = 0; j < TS; j++) {
+            const int t = s * TS + j;
+            int id = j == 0 ? 256 : j == 1 ? 258 : j < 2 + NP ? -1 : j == 2 + NP ? 259 : 32 + (int)(nm_rng_next(&r) % 95);
+            b.id[t] = id;
+            b.patch[t] = id < 0 ? j - 2 : -1;
+            b.modality[t] = id < 0 ? NM_MOD_VISION : id < 256 ? NM_MOD_TEXT : NM_MOD_SPECIAL;
+        }
+    int n_loss = 0;
+    for (int t = 0; t < T; t++) {
+        const int j = t % TS, next = j + 1 < TS ? b.id[t + 1] : -1;
+        b.target[t] = next >= 0 && next < 256 ? next : -1;
+        b.loss_kind[t] = b.target[t] < 0 ? NM_LOSS_NONE : j >= TS - ANSWER - 1 ? NM_LOSS_ANSWER : NM_LOSS_PROMPT;
+        n_loss += b.target[t] >= 0;
+    }
+    for (int t = 0; t < T; t++) b.loss_w[t] = b.target[t] >= 0 ? 1.0f / n_loss : 0.0f;
+    for (int i = 0; i < B * NP * pp; i++) b.patch_rows[i] = (float)(nm_rng_next(&r) % 2001) / 1000.0f - 1.0f;
+
+    nm_optim_config oc;
+    nm_optim_config_default(&oc);
+    oc.total_steps = 1000;
+    int ns = nm_model_tensor_specs(&m, NULL);
+    nm_tensor_spec *specs = calloc((size_t)ns, sizeof *specs);
+    nm_model_tensor_specs(&m, specs);
+    nm_train_acts_f32 a = {0};
+    nm_train_stats st;
+    double *tf = malloc((size_t)reps * sizeof *tf), *tstep = malloc((size_t)reps * sizeof *tstep);
+    load_mark l0 = load_now();
+    for (int rep = -1; rep < reps; rep++) {
+        double t0 = now_s();
+        for (int k = 0; k < 3; k++)
+            if (nm_train_forward_f32(&a, &st, m.arena, &pl, &b, 2e-2, 1e-3, &err) != NM_OK) exit(1);
+        double t1 = now_s();
+        // one whole step: forward, backward, gradient norm, AdamW on every tensor
+        if (nm_train_forward_f32(&a, &st, m.arena, &pl, &b, 2e-2, 1e-3, &err) != NM_OK) exit(1);
+        memset(g.arena, 0, g.arena_len * sizeof(float));
+        if (nm_train_backward_f32(&a, g.arena, m.arena, &pl, &b, 2e-2, 1e-3, &err) != NM_OK) exit(1);
+        double gn = nm_grad_norm(g.arena, g.arena_len);
+        for (int i = 0; i < ns; i++) {
+            size_t off = (size_t)(*specs[i].dest - m.arena);
+            nm_adamw_update(m.arena + off, g.arena + off, m1.arena + off, m2.arena + off, specs[i].numel, 10, 1e-6,
+                            nm_clip_scale(gn, 1.0), 1, &oc);
+        }
+        double t2 = now_s();
+        if (rep >= 0) tf[rep] = (t1 - t0) / 3, tstep[rep] = t2 - t1;
+    }
+    double f = 1e3 * median(tf, reps), s = 1e3 * median(tstep, reps);
+    printf("\ntraining step: the shipped model's shape (D=128, 4 layers, N=16 H=64 + shared 64, K^8_0.5), a batch\n"
+           "of %d image samples = %d tokens (%d with a loss), untrained router (%.2f real experts per token)\n", B, T,
+           n_loss, (double)st.real_slots / ((double)T * c.num_layers));
+    printf("  training forward          %8.2f ms   (%.0f tokens/s)\n", f, T / f * 1e3);
+    printf("  whole step (fwd+bwd+AdamW) %7.2f ms   (%.0f tokens/s)\n", s, T / s * 1e3);
+    printf("  step / (3 forwards)       %8.2f\n", s / (3 * f));
+    printf("  (other processes used %.0f%% of the machine meanwhile)\n", other_load(l0, load_now()));
+    add_item("training step tokens/s (shipped model shape)", "report", 2, "%.0f tokens/s", T / s * 1e3, 0);
+    add_item("training step / 3 forwards", "report (~1)", 2, "%.2f", s / (3 * f), 0);
+    free(tf);
+    free(tstep);
+    free(specs);
+    nm_train_acts_free_f32(&a);
+    nm_train_batch_free_f32(&b);
+    nm_param_layout_free(&pl);
+    nm_model_free(&m);
+    nm_model_free(&g);
+    nm_model_free(&m1);
+    nm_model_free(&m2);
+}
+
 // ---- main ----
 
 int main(int argc, char **argv) {
@@ -469,7 +581,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--no-torch] [--reps N] [--only moe|trace|torch|prefill]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--no-torch] [--reps N] [--only moe|trace|torch|prefill|train]\n", argv[0]);
             return 2;
         }
     }
@@ -630,11 +742,12 @@ int main(int argc, char **argv) {
     }
 
     if (RUN("prefill")) bench_prefill(reps < 5 ? reps : 5);
+    if (RUN("train")) bench_train(reps < 5 ? reps : 5);
 
     printf("\n%-44s %-18s %-32s %s\n", "bar item", "bar", "measured", "status");
     for (int i = 0; i < n_items; i++)
         printf("%-44s %-18s %-32s %s\n", items[i].name, items[i].bar, items[i].measured,
-               items[i].status < 0 ? "SKIPPED" : items[i].status ? "PASS" : "FAIL");
+               items[i].status < 0 ? "SKIPPED" : items[i].status == 2 ? "(measured)" : items[i].status ? "PASS" : "FAIL");
 
     for (int i = 0; i < 5; i++) free(all[i]->router);
     nm_moe_workspace_free(&ws);

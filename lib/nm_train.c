@@ -1,0 +1,614 @@
+// nm_train.c — the training loop (nm_train.h): data order, batches, AdamW with the WSD
+// schedule, the per-step log, checkpoints and resume.
+#include "nm_train.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nm_data.h"
+#include "nm_fileutil.h"
+#include "nm_model.h"
+#include "nm_optim.h"
+#include "nm_rng.h"
+#include "nm_sample.h"
+#include "nm_tensor_file.h"
+#include "nm_trace.h"
+
+#define CKPT_PREFIX "ckpt-"
+#define CKPT_KEEP 2
+
+// ---- config ----
+
+void nm_train_config_defaults(nm_train_config *tc) {
+    *tc = (nm_train_config){.steps = 2000,
+                            .batch_size = 32,
+                            .lr = 2e-3,
+                            .weight_decay = 0.1,
+                            .grad_clip = 1.0,
+                            .decay_frac = 0.1,
+                            .final_lr_frac = 0.1,
+                            .warmup_steps = 100,
+                            .balance_weight = 2e-2,
+                            .z_weight = 1e-3,
+                            .prompt_loss_weight = 0.1,
+                            .data_seed = 1,
+                            .init_seed = 1,
+                            .checkpoint_every = 250};
+}
+
+static nm_status get_num(json_t *o, const char *key, double lo, double hi, double *out, const char *path,
+                         nm_error *err) {
+    json_t *v = json_object_get(o, key);
+    if (!v) return NM_OK;
+    if (!json_is_number(v)) return nm_fail(err, NM_ERR_FORMAT, "%s: train.%s must be a number", path, key);
+    double x = json_number_value(v);
+    if (!(x >= lo && x <= hi))
+        return nm_fail(err, NM_ERR_INVALID, "%s: train.%s = %g is outside %g..%g", path, key, x, lo, hi);
+    *out = x;
+    return NM_OK;
+}
+
+nm_status nm_train_config_load(nm_config *mc, nm_train_config *tc, const char *path, nm_error *err) {
+    nm_train_config_defaults(tc);
+    nm_status s = nm_config_load(mc, path, err);
+    if (s != NM_OK) return s;
+    char *text = NULL;
+    size_t size = 0;
+    if ((s = nm_read_file(path, 1 << 20, &text, &size, err)) != NM_OK) return s;
+    json_error_t je;
+    json_t *root = json_loadb(text, size, 0, &je);
+    free(text);
+    if (!root) return nm_fail(err, NM_ERR_FORMAT, "%s:%d: %s", path, je.line, je.text);
+    json_t *t = json_object_get(root, "train");
+    static const char *keys[] = {"steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                                 "balance_weight", "z_weight", "prompt_loss_weight", "data_seed", "init_seed",
+                                 "checkpoint_every", "decay_frac", "final_lr_frac"};
+    if (t && !json_is_object(t)) s = nm_fail(err, NM_ERR_FORMAT, "%s: \"train\" must be an object", path);
+    const char *key;
+    json_t *val;
+    if (s == NM_OK && t)
+        json_object_foreach(t, key, val) {
+            size_t i = 0;
+            while (i < sizeof keys / sizeof *keys && strcmp(keys[i], key)) i++;
+            if (i == sizeof keys / sizeof *keys) {
+                s = nm_fail(err, NM_ERR_FORMAT, "%s: unknown key train.%s", path, key);
+                break;
+            }
+        }
+    double steps = (double)tc->steps, batch = tc->batch_size, warm = (double)tc->warmup_steps,
+           dseed = (double)tc->data_seed, iseed = (double)tc->init_seed, every = (double)tc->checkpoint_every;
+    if (s == NM_OK && t) {
+        if (s == NM_OK) s = get_num(t, "steps", 1, 1e9, &steps, path, err);
+        if (s == NM_OK) s = get_num(t, "batch_size", 1, 65536, &batch, path, err);
+        if (s == NM_OK) s = get_num(t, "lr", 0, 1e6, &tc->lr, path, err);
+        if (s == NM_OK) s = get_num(t, "warmup_steps", 0, 1e9, &warm, path, err);
+        if (s == NM_OK) s = get_num(t, "weight_decay", 0, 10, &tc->weight_decay, path, err);
+        if (s == NM_OK) s = get_num(t, "grad_clip", 0, 1e9, &tc->grad_clip, path, err);
+        if (s == NM_OK) s = get_num(t, "balance_weight", 0, 1e3, &tc->balance_weight, path, err);
+        if (s == NM_OK) s = get_num(t, "z_weight", 0, 1e3, &tc->z_weight, path, err);
+        if (s == NM_OK) s = get_num(t, "prompt_loss_weight", 0, 1e3, &tc->prompt_loss_weight, path, err);
+        if (s == NM_OK) s = get_num(t, "data_seed", 0, 9007199254740992.0, &dseed, path, err);
+        if (s == NM_OK) s = get_num(t, "init_seed", 0, 9007199254740992.0, &iseed, path, err);
+        if (s == NM_OK) s = get_num(t, "checkpoint_every", 1, 1e9, &every, path, err);
+        if (s == NM_OK) s = get_num(t, "decay_frac", 0, 1, &tc->decay_frac, path, err);
+        if (s == NM_OK) s = get_num(t, "final_lr_frac", 0, 1, &tc->final_lr_frac, path, err);
+    }
+    json_decref(root);
+    if (s != NM_OK) return s;
+    tc->steps = (long)steps;
+    tc->batch_size = (int)batch;
+    tc->warmup_steps = (long)warm;
+    tc->data_seed = (uint64_t)dseed;
+    tc->init_seed = (uint64_t)iseed;
+    tc->checkpoint_every = (long)every;
+    return NM_OK;
+}
+
+static json_t *train_config_json(const nm_train_config *tc) {
+    return json_pack("{sIsisfsIsfsfsfsfsfsIsIsIsfsf}", "steps", (json_int_t)tc->steps, "batch_size", tc->batch_size,
+                     "lr", tc->lr, "warmup_steps", (json_int_t)tc->warmup_steps, "weight_decay", tc->weight_decay,
+                     "grad_clip", tc->grad_clip, "balance_weight", tc->balance_weight, "z_weight", tc->z_weight,
+                     "prompt_loss_weight", tc->prompt_loss_weight, "data_seed", (json_int_t)tc->data_seed,
+                     "init_seed", (json_int_t)tc->init_seed, "checkpoint_every", (json_int_t)tc->checkpoint_every,
+                     "decay_frac", tc->decay_frac, "final_lr_frac", tc->final_lr_frac);
+}
+
+// ---- the trainer's state ----
+
+typedef struct {
+    const nm_train_options *o;
+    nm_config cfg;
+    nm_train_config tc;
+    nm_optim_config oc;
+    nm_dataset data;
+    nm_model params, grads, exp_avg, exp_avg_sq; // one layout (nm_param_layout); grads etc. are zeros
+    nm_param_layout pl;
+    nm_tensor_spec *specs;
+    int n_specs;
+    uint8_t *decays; // [n_specs]
+    nm_train_batch_f32 batch;
+    nm_train_acts_f32 acts;
+    nm_sample *samples; // [batch_size]
+    long step;          // steps done
+    // data order: the permutation of the epoch in use
+    long perm_epoch;
+    int *perm;
+    FILE *log;
+} trainer;
+
+static void trainer_free(trainer *tr) {
+    nm_dataset_free(&tr->data);
+    nm_model_free(&tr->params);
+    nm_model_free(&tr->grads);
+    nm_model_free(&tr->exp_avg);
+    nm_model_free(&tr->exp_avg_sq);
+    nm_param_layout_free(&tr->pl);
+    free(tr->specs);
+    free(tr->decays);
+    nm_train_batch_free_f32(&tr->batch);
+    nm_train_acts_free_f32(&tr->acts);
+    if (tr->samples)
+        for (int i = 0; i < tr->tc.batch_size; i++) nm_sample_free(&tr->samples[i]);
+    free(tr->samples);
+    free(tr->perm);
+    if (tr->log) fclose(tr->log);
+}
+
+// The record at position g of the endless data stream: epoch g / n in the order of a
+// permutation drawn from (data_seed, epoch). Depends on nothing else, so a resumed run sees
+// exactly the batches an uninterrupted one would.
+static int stream_record(trainer *tr, long g) {
+    const int n = tr->data.n;
+    const long epoch = g / n;
+    if (epoch != tr->perm_epoch) {
+        nm_rng r;
+        nm_rng_seed(&r, tr->tc.data_seed * 0x9E3779B97F4A7C15ull + (uint64_t)epoch * 0xD1B54A32D192ED03ull + 1);
+        for (int i = 0; i < n; i++) tr->perm[i] = i;
+        for (int i = n - 1; i > 0; i--) {
+            int j = (int)(nm_rng_next(&r) % (uint64_t)(i + 1));
+            int t = tr->perm[i];
+            tr->perm[i] = tr->perm[j];
+            tr->perm[j] = t;
+        }
+        tr->perm_epoch = epoch;
+    }
+    return tr->perm[g % n];
+}
+
+// Builds the batch of step `step` (0-based).
+static nm_status build_batch(trainer *tr, long step, nm_error *err) {
+    const nm_config *c = &tr->cfg;
+    const int B = tr->tc.batch_size, p = c->patch_size;
+    int T = 0, n_patch = 0;
+    for (int i = 0; i < B; i++) {
+        nm_sample_free(&tr->samples[i]);
+        const nm_data_record *r = &tr->data.rec[stream_record(tr, step * (long)B + i)];
+        nm_status s = nm_sample_build(&tr->samples[i], c, r, err);
+        if (s != NM_OK) return s;
+        T += tr->samples[i].seq.n;
+        if (tr->samples[i].pixels) n_patch += nm_config_num_patches(c);
+    }
+    nm_train_batch_f32 *b = &tr->batch;
+    nm_status s = nm_train_batch_reserve_f32(b, B, T, n_patch, c->has_vision ? p : 1, err);
+    if (s != NM_OK) return s;
+    b->B = B;
+    b->T = T;
+    b->n_patch = n_patch;
+    double wsum = 0;
+    int t = 0, r = 0;
+    const int pp = 3 * p * p;
+    for (int i = 0; i < B; i++) {
+        const nm_sample *sm = &tr->samples[i];
+        b->start[i] = t;
+        for (int j = 0; j < sm->seq.n; j++, t++) {
+            b->id[t] = sm->seq.id[j];
+            b->patch[t] = sm->seq.patch[j];
+            b->target[t] = sm->target[j];
+            b->loss_kind[t] = sm->loss_kind[j];
+            b->modality[t] = sm->seq.modality[j];
+            double w = sm->loss_kind[j] == NM_LOSS_ANSWER   ? 1.0
+                       : sm->loss_kind[j] == NM_LOSS_PROMPT ? tr->tc.prompt_loss_weight
+                                                             : 0.0;
+            if (w == 0.0) b->target[t] = -1; // no row in the LM head for it
+            b->loss_w[t] = (float)w;
+            wsum += w;
+            if (sm->seq.id[j] < 0) { // patch token: its pixels, (channel, row, col)
+                const int S = c->image_size, g = S / p, gr = sm->seq.patch[j] / g, gc = sm->seq.patch[j] % g;
+                float *dst = b->patch_rows + (size_t)r++ * pp;
+                for (int ch = 0; ch < 3; ch++)
+                    for (int y = 0; y < p; y++)
+                        memcpy(dst + (ch * p + y) * p, sm->pixels + ((size_t)ch * S + gr * p + y) * S + gc * p,
+                               (size_t)p * sizeof(float));
+            }
+        }
+    }
+    b->start[B] = T;
+    if (wsum <= 0) return nm_fail(err, NM_ERR_INVALID, "step %ld: the batch has no token to learn from", step + 1);
+    for (int k = 0; k < T; k++) b->loss_w[k] = (float)(b->loss_w[k] / wsum);
+    return NM_OK;
+}
+
+// ---- checkpoints ----
+
+static char *ckpt_name(long step) {
+    char buf[64];
+    snprintf(buf, sizeof buf, CKPT_PREFIX "%07ld", step);
+    return strdup(buf);
+}
+
+// Step of the newest whole checkpoint in dir (-1: none).
+static long newest_checkpoint(const char *dir, long *older, int n_older) {
+    for (int i = 0; i < n_older; i++) older[i] = -1;
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    long best = -1;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        char *end;
+        if (strncmp(e->d_name, CKPT_PREFIX, strlen(CKPT_PREFIX))) continue;
+        long st = strtol(e->d_name + strlen(CKPT_PREFIX), &end, 10);
+        if (*end || st < 0) continue; // ".tmp-<pid>": an unfinished one
+        if (st > best) best = st;
+        for (int i = 0; i < n_older; i++)
+            if (older[i] < 0) {
+                older[i] = st;
+                break;
+            }
+    }
+    closedir(d);
+    return best;
+}
+
+static nm_status remove_tree(const char *path, nm_error *err) {
+    DIR *d = opendir(path);
+    if (!d) return nm_fail(err, NM_ERR_IO, "%s: %s", path, strerror(errno));
+    struct dirent *e;
+    nm_status s = NM_OK;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        char *f = nm_path_join(path, e->d_name);
+        if (!f || unlink(f) != 0) s = nm_fail(err, NM_ERR_IO, "cannot remove %s", f ? f : path);
+        free(f);
+    }
+    closedir(d);
+    if (s == NM_OK && rmdir(path) != 0) s = nm_fail(err, NM_ERR_IO, "cannot remove %s: %s", path, strerror(errno));
+    return s;
+}
+
+static nm_status write_state(const char *path, const trainer *tr, double loss, nm_error *err) {
+    json_t *j = json_pack("{sssisIsosfss}", "format", "nullmap-train-state", "format_version", 1, "step",
+                          (json_int_t)tr->step, "train", train_config_json(&tr->tc), "loss", loss, "data",
+                          tr->o->data_dir);
+    char *text = j ? json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS) : NULL;
+    json_decref(j);
+    if (!text) return NM_NOMEM(err, "train state");
+    nm_status s = nm_write_file_atomic(path, text, strlen(text), err);
+    free(text);
+    return s;
+}
+
+// Optimizer moments as "exp_avg.<tensor>" / "exp_avg_sq.<tensor>".
+static nm_status moments_io(trainer *tr, const char *path, int write, nm_error *err) {
+    const int n = tr->n_specs;
+    char **names = calloc((size_t)2 * n, sizeof *names);
+    int *ndims = calloc((size_t)2 * n, sizeof *ndims);
+    const int64_t **shapes = calloc((size_t)2 * n, sizeof *shapes);
+    int64_t *numel = calloc((size_t)2 * n, sizeof *numel);
+    float **data = calloc((size_t)2 * n, sizeof *data);
+    nm_status s = NM_OK;
+    if (!names || !ndims || !shapes || !numel || !data) s = NM_NOMEM(err, "optimizer state");
+    for (int i = 0; s == NM_OK && i < n; i++) {
+        const nm_tensor_spec *sp = &tr->specs[i];
+        const size_t off = (size_t)(*sp->dest - tr->params.arena);
+        for (int k = 0; k < 2; k++) {
+            const int j = 2 * i + k;
+            size_t len = strlen(sp->name) + 16;
+            if (!(names[j] = malloc(len))) {
+                s = NM_NOMEM(err, "optimizer state");
+                break;
+            }
+            snprintf(names[j], len, "%s.%s", k ? "exp_avg_sq" : "exp_avg", sp->name);
+            ndims[j] = sp->ndim;
+            shapes[j] = sp->shape;
+            numel[j] = (int64_t)sp->numel;
+            data[j] = (k ? tr->exp_avg_sq.arena : tr->exp_avg.arena) + off;
+        }
+    }
+    if (s == NM_OK)
+        s = write ? nm_tensor_file_write(path, 2 * n, (const char *const *)names, ndims, shapes,
+                                         (const float *const *)data, NULL, err)
+                  : nm_tensor_file_read(path, 2 * n, (const char *const *)names, numel, data, err);
+    if (names)
+        for (int i = 0; i < 2 * n; i++) free(names[i]);
+    free(names);
+    free(ndims);
+    free(shapes);
+    free(numel);
+    free(data);
+    return s;
+}
+
+static nm_status save_checkpoint(trainer *tr, double loss, nm_error *err) {
+    char *name = ckpt_name(tr->step), *final_dir = name ? nm_path_join(tr->o->out_dir, name) : NULL;
+    char *tmp = final_dir ? nm_tmp_path(final_dir) : NULL, *opt = tmp ? nm_path_join(tmp, "optimizer.safetensors") : NULL,
+         *state = tmp ? nm_path_join(tmp, "state.json") : NULL;
+    nm_status s = NM_OK;
+    if (!opt || !state) s = NM_NOMEM(err, "checkpoint path");
+    if (s == NM_OK && nm_path_exists(tmp)) s = remove_tree(tmp, err);
+    if (s == NM_OK) s = nm_model_save(&tr->params, tmp, NM_DT_F32, err);
+    if (s == NM_OK) s = moments_io(tr, opt, 1, err);
+    if (s == NM_OK) s = write_state(state, tr, loss, err);
+    if (s == NM_OK && nm_path_exists(final_dir)) s = remove_tree(final_dir, err); // an older run's same step
+    if (s == NM_OK && rename(tmp, final_dir) != 0)
+        s = nm_fail(err, NM_ERR_IO, "cannot rename %s to %s: %s", tmp, final_dir, strerror(errno));
+    if (s == NM_OK) nm_fsync_parent(final_dir);
+    if (s != NM_OK && tmp && nm_path_exists(tmp)) {
+        nm_error ignored;
+        remove_tree(tmp, &ignored);
+    }
+    // keep the newest CKPT_KEEP
+    if (s == NM_OK) {
+        long steps[64];
+        newest_checkpoint(tr->o->out_dir, steps, 64);
+        int n = 0;
+        while (n < 64 && steps[n] >= 0) n++;
+        for (int i = 0; i < n; i++) {
+            int newer = 0;
+            for (int j = 0; j < n; j++) newer += steps[j] > steps[i];
+            if (newer >= CKPT_KEEP) {
+                char *nm = ckpt_name(steps[i]), *dir = nm ? nm_path_join(tr->o->out_dir, nm) : NULL;
+                nm_error ignored;
+                if (dir) remove_tree(dir, &ignored);
+                free(nm);
+                free(dir);
+            }
+        }
+    }
+    free(name);
+    free(final_dir);
+    free(tmp);
+    free(opt);
+    free(state);
+    return s;
+}
+
+static nm_status load_checkpoint(trainer *tr, long step, nm_error *err) {
+    char *name = ckpt_name(step), *dir = name ? nm_path_join(tr->o->out_dir, name) : NULL;
+    char *opt = dir ? nm_path_join(dir, "optimizer.safetensors") : NULL, *state = dir ? nm_path_join(dir, "state.json") : NULL;
+    nm_status s = opt && state ? NM_OK : NM_NOMEM(err, "checkpoint path");
+    nm_model m = {0};
+    char *text = NULL;
+    size_t size;
+    if (s == NM_OK) s = nm_model_load(&m, dir, err);
+    if (s == NM_OK) { // the checkpoint must be of this config
+        char *a = nm_config_to_json(&m.cfg), *b = nm_config_to_json(&tr->cfg);
+        if (!a || !b) s = NM_NOMEM(err, "config");
+        else if (strcmp(a, b))
+            s = nm_fail(err, NM_ERR_INVALID, "%s: its config.json differs from the training config; resume with the "
+                        "same config", dir);
+        free(a);
+        free(b);
+    }
+    if (s == NM_OK) memcpy(tr->params.arena, m.arena, m.arena_len * sizeof(float));
+    if (s == NM_OK) s = moments_io(tr, opt, 0, err);
+    if (s == NM_OK) s = nm_read_file(state, 1 << 20, &text, &size, err);
+    if (s == NM_OK) {
+        json_error_t je;
+        json_t *j = json_loadb(text, size, 0, &je), *st = j ? json_object_get(j, "step") : NULL,
+               *t = j ? json_object_get(j, "train") : NULL, *mine = train_config_json(&tr->tc);
+        if (!j || !json_is_integer(st) || json_integer_value(st) != step || !json_is_object(t))
+            s = nm_fail(err, NM_ERR_FORMAT, "%s: not a nullmap training state for step %ld", state, step);
+        else if (!mine)
+            s = NM_NOMEM(err, "train state");
+        else { // steps may change (to train longer); everything else must match
+            json_object_del(t, "steps");
+            json_object_del(mine, "steps");
+            if (!json_equal(t, mine))
+                s = nm_fail(err, NM_ERR_INVALID, "%s: the checkpoint was trained with other \"train\" settings; resume "
+                            "with the same config", state);
+        }
+        json_decref(mine);
+        json_decref(j);
+    }
+    if (s == NM_OK) tr->step = step;
+    nm_model_free(&m);
+    free(text);
+    free(name);
+    free(dir);
+    free(opt);
+    free(state);
+    return s;
+}
+
+// ---- the log ----
+
+// Opens OUT/log.csv: fresh (header) or, on resume, keeping the rows of steps <= tr->step, so
+// that the log of a resumed run reads like an uninterrupted one.
+static nm_status open_log(trainer *tr, nm_error *err) {
+    char *path = nm_path_join(tr->o->out_dir, "log.csv");
+    if (!path) return NM_NOMEM(err, "log path");
+    nm_status s = NM_OK;
+    char *old = NULL;
+    size_t size = 0;
+    if (tr->step > 0 && nm_path_exists(path)) s = nm_read_file(path, (size_t)1 << 31, &old, &size, err);
+    if (s == NM_OK) {
+        size_t keep = 0;
+        if (old) { // header, then rows while their step <= tr->step
+            char *line = old, *nl;
+            int first = 1;
+            while ((nl = strchr(line, '\n'))) {
+                if (!first && strtol(line, NULL, 10) > tr->step) break;
+                first = 0;
+                line = nl + 1;
+            }
+            keep = (size_t)(line - old);
+        }
+        char *tmp = nm_tmp_path(path);
+        FILE *f = tmp ? fopen(tmp, "w") : NULL;
+        if (!f) s = nm_fail(err, NM_ERR_IO, "cannot write %s: %s", tmp ? tmp : path, strerror(errno));
+        else {
+            if (keep) fwrite(old, 1, keep, f);
+            else fputs(NM_TRAIN_LOG_COLUMNS "\n", f);
+            if (fflush(f) != 0 || rename(tmp, path) != 0) {
+                s = nm_fail(err, NM_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+                fclose(f);
+                f = NULL;
+                unlink(tmp);
+            }
+        }
+        tr->log = f;
+        free(tmp);
+    }
+    free(old);
+    free(path);
+    return s;
+}
+
+// ---- the run ----
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static nm_status setup(trainer *tr, nm_error *err) {
+    const nm_train_options *o = tr->o;
+    nm_status s = nm_train_config_load(&tr->cfg, &tr->tc, o->config_path, err);
+    if (s != NM_OK) return s;
+    if (o->steps_override > 0) tr->tc.steps = o->steps_override;
+    nm_optim_config_default(&tr->oc);
+    tr->oc.lr = tr->tc.lr;
+    tr->oc.weight_decay = tr->tc.weight_decay;
+    tr->oc.grad_clip = tr->tc.grad_clip;
+    tr->oc.warmup_steps = tr->tc.warmup_steps;
+    tr->oc.total_steps = tr->tc.steps;
+    tr->oc.decay_frac = tr->tc.decay_frac;
+    tr->oc.final_lr_frac = tr->tc.final_lr_frac;
+    if ((s = nm_dataset_load(&tr->data, o->data_dir, "train", err)) != NM_OK) return s;
+    if (tr->data.n == 0) return nm_fail(err, NM_ERR_INVALID, "%s: the train split is empty", o->data_dir);
+    if ((s = nm_model_init_random(&tr->params, &tr->cfg, tr->tc.init_seed, err)) != NM_OK) return s;
+    if ((s = nm_model_init_zero(&tr->grads, &tr->cfg, err)) != NM_OK) return s;
+    if ((s = nm_model_init_zero(&tr->exp_avg, &tr->cfg, err)) != NM_OK) return s;
+    if ((s = nm_model_init_zero(&tr->exp_avg_sq, &tr->cfg, err)) != NM_OK) return s;
+    if ((s = nm_param_layout_init(&tr->pl, &tr->cfg, err)) != NM_OK) return s;
+    tr->n_specs = nm_model_tensor_specs(&tr->params, NULL);
+    tr->specs = calloc((size_t)tr->n_specs, sizeof *tr->specs);
+    tr->decays = calloc((size_t)tr->n_specs, 1);
+    tr->samples = calloc((size_t)tr->tc.batch_size, sizeof *tr->samples);
+    tr->perm = malloc((size_t)tr->data.n * sizeof *tr->perm);
+    if (!tr->specs || !tr->decays || !tr->samples || !tr->perm) return NM_NOMEM(err, "trainer");
+    nm_model_tensor_specs(&tr->params, tr->specs);
+    for (int i = 0; i < tr->n_specs; i++) tr->decays[i] = (uint8_t)nm_param_decays(tr->specs[i].name);
+    tr->perm_epoch = -1;
+    if ((s = nm_mkdir_p(o->out_dir, err)) != NM_OK) return s;
+    long newest = newest_checkpoint(o->out_dir, NULL, 0);
+    if (o->resume) {
+        if (newest < 0)
+            return nm_fail(err, NM_ERR_IO, "%s: no checkpoint to resume from (ckpt-NNNNNNN directories)", o->out_dir);
+        if ((s = load_checkpoint(tr, newest, err)) != NM_OK) return s;
+    } else if (newest >= 0) {
+        return nm_fail(err, NM_ERR_INVALID, "%s already holds a training run (checkpoint of step %ld); continue it with "
+                       "--resume or choose another --out", o->out_dir, newest);
+    }
+    return open_log(tr, err);
+}
+
+// One step: forward, backward, clip, AdamW. Returns NM_ERR_DIVERGED before touching the weights
+// when the loss or the gradient is not finite.
+static nm_status train_step(trainer *tr, nm_train_progress *pr, nm_error *err) {
+    nm_status s = build_batch(tr, tr->step, err);
+    if (s != NM_OK) return s;
+    const double wb = tr->tc.balance_weight, wz = tr->tc.z_weight;
+    if ((s = nm_train_forward_f32(&tr->acts, &pr->st, tr->params.arena, &tr->pl, &tr->batch, wb, wz, err)) != NM_OK)
+        return s;
+    if (!isfinite(pr->st.loss))
+        return nm_fail(err, NM_ERR_DIVERGED, "step %ld: the loss is %g (CE %g, L_bal %g, L_z %g)", tr->step + 1,
+                       pr->st.loss, pr->st.ce, pr->st.l_bal, pr->st.l_z);
+    memset(tr->grads.arena, 0, tr->grads.arena_len * sizeof(float));
+    if ((s = nm_train_backward_f32(&tr->acts, tr->grads.arena, tr->params.arena, &tr->pl, &tr->batch, wb, wz, err)) !=
+        NM_OK)
+        return s;
+    const double gn = nm_grad_norm(tr->grads.arena, tr->grads.arena_len);
+    if (!isfinite(gn))
+        return nm_fail(err, NM_ERR_DIVERGED, "step %ld: the gradient norm is %g (loss %g)", tr->step + 1, gn,
+                       pr->st.loss);
+    const double scale = nm_clip_scale(gn, tr->oc.grad_clip);
+    const double lr = nm_wsd_lr(&tr->oc, tr->step);
+    for (int i = 0; i < tr->n_specs; i++) {
+        const size_t off = (size_t)(*tr->specs[i].dest - tr->params.arena);
+        nm_adamw_update(tr->params.arena + off, tr->grads.arena + off, tr->exp_avg.arena + off,
+                        tr->exp_avg_sq.arena + off, tr->specs[i].numel, tr->step, lr, scale, tr->decays[i], &tr->oc);
+    }
+    pr->lr = lr;
+    pr->grad_norm = gn;
+    tr->step++;
+    return NM_OK;
+}
+
+static void derive(nm_train_progress *pr) {
+    const nm_train_stats *st = &pr->st;
+    pr->null_ratio = st->slots ? 1.0 - (double)st->real_slots / (double)st->slots : 0;
+    pr->zero_ratio = st->token_layers ? (double)st->zero_compute / (double)st->token_layers : 0;
+    pr->vision_int = st->vision ? st->real_vision / st->vision : NAN;
+    pr->text_int = st->text ? st->real_text / st->text : NAN;
+}
+
+nm_status nm_train_run(const nm_train_options *o, nm_error *err) {
+    trainer tr;
+    memset(&tr, 0, sizeof tr);
+    tr.o = o;
+    nm_status s = setup(&tr, err);
+    double t0 = now_s(), last_loss = NAN;
+    long tokens = 0;
+    const long total = tr.tc.steps, stop = o->stop_after > 0 && o->stop_after < total ? o->stop_after : total;
+    while (s == NM_OK && tr.step < stop) {
+        nm_train_progress pr;
+        memset(&pr, 0, sizeof pr);
+        double ts = now_s();
+        if ((s = train_step(&tr, &pr, err)) != NM_OK) break;
+        double dt = now_s() - ts;
+        tokens += pr.st.tokens;
+        last_loss = pr.st.loss;
+        pr.step = tr.step;
+        pr.total = total;
+        pr.tokens_per_s = dt > 0 ? pr.st.tokens / dt : 0;
+        pr.elapsed_s = now_s() - t0;
+        derive(&pr);
+        const nm_train_stats *st = &pr.st;
+        fprintf(tr.log, "%ld,%.6g,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%ld,%.0f,%.2f\n", pr.step, pr.lr,
+                st->loss, st->ce, st->ce_answer, st->ce_prompt, st->l_bal, st->l_z, pr.null_ratio, pr.zero_ratio,
+                pr.vision_int, pr.text_int, pr.grad_norm, st->tokens, pr.tokens_per_s, pr.elapsed_s);
+        if (fflush(tr.log) != 0) s = nm_fail(err, NM_ERR_IO, "%s/log.csv: write failed", o->out_dir);
+        if (o->progress) o->progress(o->ctx, &pr);
+        if (s == NM_OK && (tr.step % tr.tc.checkpoint_every == 0 || tr.step == stop))
+            s = save_checkpoint(&tr, last_loss, err);
+    }
+    if (s == NM_OK && tr.step == total) { // the trained model, in the model format
+        char *dir = nm_path_join(o->out_dir, "final"), *sum = dir ? nm_path_join(dir, "train_summary.json") : NULL;
+        if (!sum) s = NM_NOMEM(err, "path");
+        if (s == NM_OK) s = nm_model_save(&tr.params, dir, NM_DT_F32, err);
+        if (s == NM_OK) {
+            json_t *j = json_pack("{sIsfsosssf}", "steps", (json_int_t)tr.step, "final_loss", last_loss, "train",
+                                  train_config_json(&tr.tc), "data", o->data_dir, "seconds", now_s() - t0);
+            char *text = j ? json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS) : NULL;
+            json_decref(j);
+            s = text ? nm_write_file_atomic(sum, text, strlen(text), err) : NM_NOMEM(err, "summary");
+            free(text);
+        }
+        free(dir);
+        free(sum);
+    }
+    (void)tokens;
+    trainer_free(&tr);
+    return s;
+}
