@@ -178,7 +178,7 @@ nm_status nm_tensor_file_write(const char *path, int n, const char *const *names
     af_open = 1;
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)padded >> (8 * i));
-    static const char spaces[8] = "        ";
+    static const char spaces[] = "       "; // at most 7 are needed
     if ((s = nm_atomic_write(&af, len8, 8, err)) != NM_OK || (s = nm_atomic_write(&af, htext, hlen, err)) != NM_OK ||
         (s = nm_atomic_write(&af, spaces, padded - hlen, err)) != NM_OK)
         goto out;

@@ -7,7 +7,9 @@
 // "data_offsets":[begin,end]} in byte order of the names (strcmp); spaces pad the header to a
 // multiple of 8 bytes, so the data section starts 8-byte aligned; the tensors' data follow in
 // the same order, packed, and the file ends with the last one. Metadata values must be strings
-// (the format's rule); its keys are written sorted.
+// (the format's rule); its keys are written sorted (safetensors writes them in hash order). So the
+// bytes equal safetensors' for the same tensors and at most one metadata key (control characters
+// in a name, escaped \u00XX in both, are the one other difference: upper- vs lower-case hex).
 //
 // Writes are atomic (nm_fileutil.h): the file is written to `path`.tmp-<pid>, fsynced and renamed
 // over `path`, so a reader or a crash sees the old file or the new one, never a mix; on any

@@ -173,21 +173,22 @@ static void adamw_ref(double *p, const double *g, double *m, double *v, size_t n
     }
 }
 
-// max over i of |a - b| / max(|b|, floor)
+// max over i of |a - b| / max(|b|, floor); infinite when a holds a NaN or Inf. (No ck_assert in
+// these loops: Check records every assertion it passes, which would dominate the run time.)
 static double max_rel_f(const float *a, const double *b, size_t n, double floor) {
     double e = 0.0;
     for (size_t i = 0; i < n; i++) {
-        ck_assert_msg(isfinite(a[i]), "non-finite value at %zu", i);
+        if (!isfinite(a[i])) return INFINITY;
         e = fmax(e, fabs((double)a[i] - b[i]) / fmax(fabs(b[i]), floor));
     }
     return e;
 }
 
-// max |a - b| / max |b|
+// max |a - b| / max |b|; infinite when a holds a NaN or Inf
 static double norm_rel_f(const float *a, const double *b, size_t n) {
     double d = 0.0, mx = 0.0;
     for (size_t i = 0; i < n; i++) {
-        ck_assert_msg(isfinite(a[i]), "non-finite value at %zu", i);
+        if (!isfinite(a[i])) return INFINITY;
         d = fmax(d, fabs((double)a[i] - b[i]));
         mx = fmax(mx, fabs(b[i]));
     }
