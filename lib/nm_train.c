@@ -596,7 +596,7 @@ nm_status nm_train_run(const nm_train_options *o, nm_error *err) {
     if (s == NM_OK && tr.step == total) { // the trained model, in the model format
         char *dir = nm_path_join(o->out_dir, "final"), *sum = dir ? nm_path_join(dir, "train_summary.json") : NULL;
         if (!sum) s = NM_NOMEM(err, "path");
-        if (s == NM_OK) s = nm_model_save(&tr.params, dir, NM_DT_F32, err);
+        if (s == NM_OK) s = nm_model_save(&tr.params, dir, o->final_dtype, err);
         if (s == NM_OK) {
             json_t *j = json_pack("{sIsfsosssf}", "steps", (json_int_t)tr.step, "final_loss", last_loss, "train",
                                   train_config_json(&tr.tc), "data", o->data_dir, "seconds", now_s() - t0);

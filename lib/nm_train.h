@@ -29,6 +29,7 @@
 
 #include "nm_config.h"
 #include "nm_error.h"
+#include "nm_safetensors.h"
 #include "nm_train_model.h"
 
 typedef struct {
@@ -58,6 +59,7 @@ typedef struct {
     int resume;               // continue from the newest checkpoint in out_dir
     long stop_after;          // > 0: checkpoint and stop after this step (as a kill would)
     long steps_override;      // > 0: replaces train.steps
+    nm_dtype final_dtype;     // storage dtype of OUT/final (checkpoints are always F32); 0 = F32
     void (*progress)(void *ctx, const nm_train_progress *p);
     void *ctx;
 } nm_train_options;

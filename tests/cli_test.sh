@@ -328,4 +328,33 @@ contains "$LAST_ERR" "eval.jsonl:" "text-only"
 [ ! -e ev_text.json ] && ! ls ev_text.json.tmp-* >/dev/null 2>&1 || fail "a failed eval left a JSON file behind"
 ok "eval errors: a missing data directory (exit 3), image records for a text-only model (exit 1), nothing written"
 
+# ---- train ----
+expect 0 "$NULLMAP" train --help
+contains "$LAST_OUT" "usage: nullmap train" --config --data --out --resume --steps --stop-after --final-dtype "exit codes"
+ok "train --help lists its options"
+expect 2 "$NULLMAP" train --config config.json --data dset
+contains "$LAST_ERR" "--out"
+sed 's/"tokenizer"/"train": { "steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 3 },\n  "tokenizer"/' \
+    config.json >train.json
+expect 0 "$NULLMAP" train --config train.json --data dset --out run --stop-after 4
+contains "$LAST_OUT" "stopped after step 4"
+[ -d run/ckpt-0000004 ] && [ ! -e run/final ] || fail "train --stop-after: wrong checkpoints"
+[ "$(wc -l < run/log.csv)" = 5 ] || fail "train: log.csv should hold a header and 4 rows"
+expect 1 "$NULLMAP" train --config train.json --data dset --out run
+contains "$LAST_ERR" "already holds a training run" "--resume"
+expect 0 "$NULLMAP" train --config train.json --data dset --out run --resume --final-dtype bf16
+contains "$LAST_OUT" "trained: run/final"
+[ "$(wc -l < run/log.csv)" = 7 ] || fail "train --resume: log.csv should hold a header and 6 rows"
+head -1 run/log.csv | grep -q '^step,lr,loss,ce,ce_answer,ce_prompt,l_bal,l_z,null_slot_ratio,zero_compute_ratio,' ||
+    fail "train: log.csv header"
+expect 0 "$NULLMAP" info run/final
+contains "$LAST_OUT" "BF16"
+expect 0 "$NULLMAP" run --model run/final --image "$IMAGE" --prompt "What colour?" --max-new-tokens 3 --out out_trained --no-render
+ok "train: --stop-after, refusal without --resume, --resume to the end, log.csv, a final model that runs"
+sed 's/"steps": 6/"stepz": 6/' train.json >train_typo.json
+expect 1 "$NULLMAP" train --config train_typo.json --data dset --out run_typo
+contains "$LAST_ERR" "train_typo.json" "unknown key train.stepz"
+[ ! -e run_typo ] || fail "a refused training run left a directory"
+ok "train: an unknown train key is refused before anything is written"
+
 echo "$passed passed, 0 failed"

@@ -30,6 +30,7 @@ static const char *HELP =
     "  --resume           continue from the newest checkpoint in RUN\n"
     "  --steps N          train for N steps instead of train.steps (changes the schedule)\n"
     "  --stop-after N     checkpoint and stop after step N (as if killed there; for tests)\n"
+    "  --final-dtype T    storage of RUN/final: f32, bf16 or f16 (checkpoints stay f32)  (default f32)\n"
     "  --quiet            no progress line\n"
     "\n"
     "exit codes: 0 done, 1 bad config/data, 2 usage, 3 i/o, 4 internal, 5 diverged (non-finite\n"
@@ -61,7 +62,7 @@ int cmd_train(int argc, char **argv) {
     progress_state ps = {isatty(2), 0, 0};
     static const struct option opts[] = {{"config", 1, 0, 'c'}, {"data", 1, 0, 'd'},       {"out", 1, 0, 'o'},
                                          {"resume", 0, 0, 'r'}, {"steps", 1, 0, 's'},      {"stop-after", 1, 0, 'a'},
-                                         {"quiet", 0, 0, 'q'},  {"help", 0, 0, 'h'},       {0, 0, 0, 0}};
+                                         {"quiet", 0, 0, 'q'},  {"help", 0, 0, 'h'}, {"final-dtype", 1, 0, 't'},       {0, 0, 0, 0}};
     optind = 1;
     opterr = 0;
     int c, n;
@@ -81,6 +82,12 @@ int cmd_train(int argc, char **argv) {
             if (cli_parse_int(optarg, 1, 1000000000, &n))
                 return cli_usage_error("train", "--stop-after needs an integer 1..1000000000, got '%s'", optarg);
             o.stop_after = n;
+            break;
+        case 't':
+            if (!strcmp(optarg, "f32")) o.final_dtype = NM_DT_F32;
+            else if (!strcmp(optarg, "bf16")) o.final_dtype = NM_DT_BF16;
+            else if (!strcmp(optarg, "f16")) o.final_dtype = NM_DT_F16;
+            else return cli_usage_error("train", "--final-dtype must be f32, bf16 or f16, got '%s'", optarg);
             break;
         case 'h': fputs(HELP, stdout); return EXIT_OK;
         default: return cli_usage_error("train", "unknown or incomplete option '%s'", argv[optind - 1]);
