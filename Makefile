@@ -138,8 +138,12 @@ bench: deps
 $(BUILD)/bench_moe: $(BENCH_SRC) $(BUILD)/libnullmap.a
 	$(CC) $(CFLAGS_ALL) -o $@ $(BENCH_SRC) $(BUILD)/libnullmap.a $(LDLIBS_ALL)
 
+# PyTorch float64 references (Debian python3-torch; /usr/bin/python3). The outputs are committed.
 fixtures:
-	python3 tests/gen_fixtures.py --out tests/fixtures
+	/usr/bin/python3 tests/gen_fixtures.py --out tests/fixtures
+	/usr/bin/python3 tests/gen_moe_grad_fixtures.py --out tests/fixtures
+	/usr/bin/python3 tests/gen_grad_fixtures.py --out tests/fixtures/grad_torch
+	/usr/bin/python3 tests/gen_optim_fixture.py --out tests/fixtures/adamw_torch
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include/nullmap
