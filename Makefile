@@ -142,6 +142,7 @@ $(BUILD)/bench_moe: $(BENCH_SRC) $(BUILD)/libnullmap.a
 fixtures:
 	/usr/bin/python3 tests/gen_fixtures.py --out tests/fixtures
 	/usr/bin/python3 tests/gen_moe_grad_fixtures.py --out tests/fixtures
+	/usr/bin/python3 tests/gen_model_grad_fixtures.py --out tests/fixtures
 	/usr/bin/python3 tests/gen_grad_fixtures.py --out tests/fixtures/grad_torch
 	/usr/bin/python3 tests/gen_optim_fixture.py --out tests/fixtures/adamw_torch
 
