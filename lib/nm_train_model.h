@@ -84,7 +84,8 @@ typedef struct {
     /* Backward of the last forward (same a, params, b): grads (+=) of the total loss. */                       \
     nm_status nm_train_backward##S(nm_train_acts##S *a, R *grads, const R *params, const nm_param_layout *pl,  \
                                    const nm_train_batch##S *b, double w_bal, double w_z, nm_error *err);         \
-    /* The logits of the loss rows of the last forward: (n, V) and their token indices. */                      \
+    /* The logits of the loss rows of the last forward: (n, V) and their token indices. A backward */           \
+    /* reuses the buffer for dlogits: read them before calling it. */                                           \
     const R *nm_train_logits##S(const nm_train_acts##S *a, int *n, const int32_t **rows);                        \
     /* Layer l's MoE routing of the last forward (n_real, slot, gates...); NULL before any forward. */          \
     const nm_moe_cache##S *nm_train_moe_cache##S(const nm_train_acts##S *a, int l);                              \
