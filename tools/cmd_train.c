@@ -38,14 +38,16 @@ static const char *HELP =
 
 typedef struct {
     int tty, quiet;
-    long last_line;
+    long last_line, first_step; // first_step: the step this process started after (resume)
 } progress_state;
 
 static void progress_cb(void *ctx, const nm_train_progress *p) {
     progress_state *ps = ctx;
     if (ps->quiet) return;
     char line[256];
-    double eta = p->step > 0 ? p->elapsed_s / p->step * (p->total - p->step) : 0;
+    if (ps->first_step < 0) ps->first_step = p->step - 1;
+    const long done_here = p->step - ps->first_step;
+    double eta = done_here > 0 ? p->elapsed_s / done_here * (p->total - p->step) : 0;
     snprintf(line, sizeof line,
              "step %ld/%ld  loss %.4f  ce %.3f  answer %.3f  null %.2f  vis %.2f txt %.2f  %.0f tok/s  eta %.0fs",
              p->step, p->total, p->st.loss, p->st.ce, p->st.ce_answer, p->null_ratio, p->vision_int, p->text_int,
@@ -59,7 +61,7 @@ static void progress_cb(void *ctx, const nm_train_progress *p) {
 
 int cmd_train(int argc, char **argv) {
     nm_train_options o = {0};
-    progress_state ps = {isatty(2), 0, 0};
+    progress_state ps = {isatty(2), 0, 0, -1};
     static const struct option opts[] = {{"config", 1, 0, 'c'}, {"data", 1, 0, 'd'},       {"out", 1, 0, 'o'},
                                          {"resume", 0, 0, 'r'}, {"steps", 1, 0, 's'},      {"stop-after", 1, 0, 'a'},
                                          {"quiet", 0, 0, 'q'},  {"help", 0, 0, 'h'}, {"final-dtype", 1, 0, 't'},       {0, 0, 0, 0}};
