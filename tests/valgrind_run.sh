@@ -4,7 +4,8 @@
 #
 # Covers the whole life of a run: init a small vision model, `run` with an image and
 # --max-new-tokens 4, `run --append` text-only, `batch`, `info` on the model and on the trace,
-# and failing runs (a corrupt image, a bad model) whose error paths must free everything too.
+# failing runs (a corrupt image, a bad model) whose error paths must free everything too, and
+# training (data, a stopped and a resumed run, a refused start) and eval.
 # OMP_NUM_THREADS=1 and OMP_WAIT_POLICY=PASSIVE keep the OpenMP/OpenBLAS pools small and quiet.
 # Suppressions: tests/valgrind.supp, for third-party one-time allocations only (see the file).
 set -euo pipefail
@@ -90,5 +91,14 @@ head -c 5000 model/model.safetensors >broken/model.safetensors
 vg 1 info-bad-model info broken
 printf 'not hdf5\n' >not.h5
 vg 1 info-not-hdf5 info not.h5
+
+# Training and evaluation: a tiny data set, a run stopped after step 2, resumed to the end,
+# a diverging resume, an eval with its JSON.
+vg 0 data data --out dset --train 8 --eval 4 --seed 2 --image-size 16
+sed 's/"tokenizer"/"train": { "steps": 3, "batch_size": 3, "checkpoint_every": 2 },\n  "tokenizer"/' config.json >train.json
+vg 0 train-stop train --config train.json --data dset --out run --stop-after 2 --quiet
+vg 0 train-resume train --config train.json --data dset --out run --resume --quiet
+vg 1 train-exists train --config train.json --data dset --out run --quiet
+vg 0 eval eval --model run/final --data dset --json ev.json --max-new-tokens 3
 
 echo "valgrind: $n runs, 0 errors, no definite or indirect leaks"
