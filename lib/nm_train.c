@@ -598,8 +598,11 @@ nm_status nm_train_run(const nm_train_options *o, nm_error *err) {
         if (!sum) s = NM_NOMEM(err, "path");
         if (s == NM_OK) s = nm_model_save(&tr.params, dir, o->final_dtype, err);
         if (s == NM_OK) {
-            json_t *j = json_pack("{sIsfsosssf}", "steps", (json_int_t)tr.step, "final_loss", last_loss, "train",
-                                  train_config_json(&tr.tc), "data", o->data_dir, "seconds", now_s() - t0);
+            // final_loss: of the last step this process ran (null when it resumed a finished run)
+            json_t *j = json_pack("{sIsosossss}", "steps", (json_int_t)tr.step, "final_loss",
+                                  isfinite(last_loss) ? json_real(last_loss) : json_null(), "train",
+                                  train_config_json(&tr.tc), "data", o->data_dir, "final_dtype",
+                                  nm_dtype_name(o->final_dtype));
             char *text = j ? json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS) : NULL;
             json_decref(j);
             s = text ? nm_write_file_atomic(sum, text, strlen(text), err) : NM_NOMEM(err, "summary");
