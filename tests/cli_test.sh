@@ -357,4 +357,11 @@ contains "$LAST_ERR" "train_typo.json" "unknown key train.stepz"
 [ ! -e run_typo ] || fail "a refused training run left a directory"
 ok "train: an unknown train key is refused before anything is written"
 
+# ---- the shipped, trained model ----
+SHIPPED=$SRC/samples/models/k8-trained
+expect 0 "$NULLMAP" run --model "$SHIPPED" --image "$SRC/samples/images/synthetic-colour.png" \
+    --prompt "Name the colour of the circle." --max-new-tokens 8 --out shipped --no-render
+contains "$LAST_OUT" 'answer     " red"'
+ok "the shipped model answers a held-out colour question (\" red\")"
+
 echo "$passed passed, 0 failed"
