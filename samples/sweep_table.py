@@ -4,8 +4,9 @@
 Per run: the training log's last 50 steps (loss, CE, null slot ratio, zero-compute ratio, vision and
 text intensity on training batches), eval.json (held-out accuracy per task, answer loss, background
 vs object patch compute, vision vs text intensity) and report/report.json (the 100 traced eval
-samples: null slot ratio, zero-compute ratio, polarization = share of (layer, token) pairs at
-n_real = 0 or K)."""
+samples: null slot ratio, zero-compute ratio, polarization index = Var(n_real/K) / (c (1 - c)) with
+c = mean n_real/K over (layer, token) pairs: 1 when each pair is all-real or all-null, about 1/K when
+slots go to null independently; undefined (n/a) when nothing or everything goes to null)."""
 import csv, json, os, sys
 
 out = sys.argv[1]
@@ -32,7 +33,8 @@ for r in runs:
         os.path.join("samples", "configs", "sweep", r + ".json")) else {}
     log = list(csv.DictReader(open(os.path.join(out, r, "log.csv"))))
     tail = log[-50:]
-    mean = lambda k: sum(float(x[k]) for x in tail) / len(tail)
+    def mean(k, tail=tail):  # bound now: the second table calls it after the loop
+        return sum(float(x[k]) for x in tail) / len(tail)
     ev = json.load(open(os.path.join(out, r, "eval.json"))) if os.path.exists(os.path.join(out, r, "eval.json")) else None
     moe = cfg["moe"] if cfg else {}
     K, M, N = moe.get("top_k"), moe.get("null_copies"), moe.get("num_experts")
@@ -47,7 +49,7 @@ for r in runs:
 print()
 print("| run | null slot ratio (train) | zero-compute (train) | vision / text intensity (train) |"
       " vision / text (eval) | background / object patches (eval) | null slot ratio (traces) |"
-      " zero-compute (traces) | polarization (traces) |")
+      " zero-compute (traces) | polarization index (traces) |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r, mean, ev, rep, K in rows2:
     vis = ev["modality"]["vision"]["score"] if ev else None
@@ -57,7 +59,12 @@ for r, mean, ev, rep, K in rows2:
     if rep:
         m = rep["metrics"]
         sh = m["modalities"]["all"]["polarization_share"]
-        pol = sh[0] + sh[-1]
+        # polarization index: Var(n_real/K) / (c(1-c)), c = mean n_real/K. 1 when every
+        # (layer, token) is all-real or all-null; ~1/K when slots fall independently
+        K_ = len(sh) - 1
+        c = sum(k / K_ * p for k, p in enumerate(sh))
+        var = sum((k / K_ - c) ** 2 * p for k, p in enumerate(sh))
+        pol = var / (c * (1 - c)) if 0 < c < 1 else None
         nsr, zcr = m["null_slot_ratio"], m["zero_compute_ratio"]
     else:
         pol = nsr = zcr = None

@@ -53,7 +53,8 @@ void nm_chart_label(char *buf, size_t n, const nm_config *cfg) {
     int N = cfg->moe.num_experts, M = cfg->moe.null_copies;
     char full[128];
     if (N > 0 && M >= 0)
-        snprintf(full, sizeof full, "K=%d, \xcf\x81=%.2f (N=%d, M=%d)", cfg->moe.top_k, nm_config_rho(cfg), N, M);
+        snprintf(full, sizeof full, "K=%d, \xcf\x81=%.2f (N=%d, M=%d%s)", cfg->moe.top_k, nm_config_rho(cfg), N, M,
+                 cfg->moe.null_kind == NM_NULL_COPY ? ", copy nulls" : "");
     else
         snprintf(full, sizeof full, "K=%d", cfg->moe.top_k);
     // cut at a character boundary (ρ is two bytes), never inside one
@@ -443,7 +444,7 @@ static void mc_draw(cairo_t *cr, const nm_chart_series *s, int n, const nm_modal
         swatch(cr, MC_MARGIN, y, 9, 13, rgb);
         nm_chart_series_rgb(NM_MOD_TEXT, i, n, rgb);
         swatch(cr, MC_MARGIN + 10, y, 9, 13, rgb);
-        char num[16], buf[32], stats[128];
+        char num[16], buf[LABEL_MAX], stats[128];
         snprintf(num, sizeof num, "%d", i + 1);
         cairo_set_source_rgb(cr, 0, 0, 0);
         nm_viz_font(cr, 12, 1);
@@ -879,7 +880,7 @@ static double zn_legend(cairo_t *cr, const nm_chart_series *s, int n, double lx,
     ZN_TEXT(lx, 12, 1, 0, "Traces");
     ly += 20;
     for (int i = 0; i < n; i++) {
-        char num[16], buf[32];
+        char num[16], buf[LABEL_MAX];
         snprintf(num, sizeof num, "%d", i + 1);
         if (draw) {
             cairo_set_source_rgb(cr, 0, 0, 0);

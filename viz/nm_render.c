@@ -60,17 +60,49 @@ nm_status nm_render_sample_overlays(const nm_trace_sample *s, const char *dir, c
     return st;
 }
 
+// label += " · NAME", NAME = the model directory's last component ("final" and "." skipped:
+// runs/k4_copy/final -> k4_copy), cut at a character boundary.
+static void append_model_name(char *label, size_t cap, const char *model) {
+    if (!model || !*model) return;
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", model);
+    for (;;) {
+        size_t n = strlen(buf);
+        while (n > 1 && buf[n - 1] == '/') buf[--n] = 0;
+        char *slash = strrchr(buf, '/');
+        const char *last = slash ? slash + 1 : buf;
+        if ((!strcmp(last, "final") || !strcmp(last, ".")) && slash && slash != buf) *slash = 0;
+        else break;
+    }
+    const char *name = strrchr(buf, '/') ? strrchr(buf, '/') + 1 : buf;
+    size_t len = strlen(label), room;
+    if (len + 5 >= cap) return;
+    memcpy(label + len, " \xc2\xb7 ", 4); // " · "
+    len += 4;
+    room = cap - 1 - len;
+    size_t take = strlen(name) < room ? strlen(name) : room;
+    while (take > 0 && take < strlen(name) && ((unsigned char)name[take] & 0xC0) == 0x80) take--; // whole characters
+    memcpy(label + len, name, take);
+    label[len + take] = 0;
+}
+
 nm_status nm_render_trace_charts(const nm_report_trace *r, int n, const char *dir, const nm_render_opts *o,
                                  nm_error *err) {
     if (n < 1 || n > NM_CHART_MAX_SERIES)
         return nm_fail(err, NM_ERR_INVALID, "charts take 1..%d traces, got %d", NM_CHART_MAX_SERIES, n);
     nm_chart_series series[NM_CHART_MAX_SERIES];
     char labels[NM_CHART_MAX_SERIES][96];
-    for (int i = 0; i < n; i++) {
-        nm_chart_label(labels[i], sizeof labels[i], &r[i].info.cfg);
+    for (int i = 0; i < n; i++) nm_chart_label(labels[i], sizeof labels[i], &r[i].info.cfg);
+    // Traces of the same configuration (e.g. the same model trained two ways) would share a
+    // label: add the model's name to tell them apart.
+    int shared[NM_CHART_MAX_SERIES] = {0}; // decided before any label changes
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) shared[i] |= j != i && !strcmp(labels[i], labels[j]);
+    for (int i = 0; i < n; i++)
+        if (shared[i]) append_model_name(labels[i], sizeof labels[i], r[i].info.model_name);
+    for (int i = 0; i < n; i++)
         series[i] = (nm_chart_series){&r[i].agg, labels[i], r[i].info.cfg.moe.top_k,
                                       r[i].info.cfg.moe.num_experts > 0 ? nm_config_rho(&r[i].info.cfg) : 0.0};
-    }
     const char *ext = nm_viz_format_ext(o->format);
     static const char *names[] = {"modality", "polarization", "polarization_layers", "zero_vs_null", "layer_strip"};
     enum { N_CHARTS = sizeof names / sizeof names[0] };
