@@ -569,7 +569,6 @@ nm_status nm_train_run(const nm_train_options *o, nm_error *err) {
     tr.o = o;
     nm_status s = setup(&tr, err);
     double t0 = now_s(), last_loss = NAN;
-    long tokens = 0;
     const long total = tr.tc.steps, stop = o->stop_after > 0 && o->stop_after < total ? o->stop_after : total;
     while (s == NM_OK && tr.step < stop) {
         nm_train_progress pr;
@@ -577,7 +576,6 @@ nm_status nm_train_run(const nm_train_options *o, nm_error *err) {
         double ts = now_s();
         if ((s = train_step(&tr, &pr, err)) != NM_OK) break;
         double dt = now_s() - ts;
-        tokens += pr.st.tokens;
         last_loss = pr.st.loss;
         pr.step = tr.step;
         pr.total = total;
@@ -611,7 +609,6 @@ nm_status nm_train_run(const nm_train_options *o, nm_error *err) {
         free(dir);
         free(sum);
     }
-    (void)tokens;
     trainer_free(&tr);
     return s;
 }

@@ -203,6 +203,9 @@ static void FN(add_into)(R *x, const R *o, size_t n) {
 
 nm_status FN(nm_train_forward)(FN(nm_train_acts) *a, nm_train_stats *st, const R *params, const nm_param_layout *pl,
                                const FN(nm_train_batch) *b, double w_bal, double w_z, nm_error *err) {
+    // params: (pl->len) laid out as nm_model's arena; batch: T tokens in B sequences.
+    // Keeps per layer x, h, xn1, xn2: (T, D); q: (T, nh*hd); k, v: (T, nkv*hd); attention
+    // probabilities (nh, Ts, Ts) per sequence; the MoE cache; logits: (n_loss, V).
     const nm_config *c = &pl->cfg;
     const int L = c->num_layers, D = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, hd = c->head_dim;
     const int qd = nh * hd, kvd = nkv * hd, V = c->vocab_size, K = c->moe.top_k, T = b->T;
@@ -301,6 +304,8 @@ nm_status FN(nm_train_forward)(FN(nm_train_acts) *a, nm_train_stats *st, const R
 
 nm_status FN(nm_train_backward)(FN(nm_train_acts) *a, R *grads, const R *params, const nm_param_layout *pl,
                                 const FN(nm_train_batch) *b, double w_bal, double w_z, nm_error *err) {
+    // grads: (pl->len), accumulated (+=). Walks the layers backwards with dx: (T, D), the
+    // gradient of the residual stream; scratch dh, dy, dt: (T, max(D, qd)); dq, dk, dv per layer.
     const nm_config *c = &pl->cfg;
     const int L = c->num_layers, D = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, hd = c->head_dim;
     const int qd = nh * hd, kvd = nkv * hd, V = c->vocab_size, T = b->T;
