@@ -2,14 +2,13 @@
 // textured backgrounds and informative objects (shapes, words, bar charts), varied questions,
 // text-only questions; PNG + JSONL, written atomically; and the reader of the trainer.
 // Format and guarantees: nm_data.h.
-#define _GNU_SOURCE // syncfs, nftw
+#define _GNU_SOURCE // syncfs
 #include "nm_data.h"
 
 #include <cairo.h>
 #include <errno.h>
 #include <dirent.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -1012,12 +1011,11 @@ done:
 // ---------------------------------------------------------------------------------------------
 // The data set directory, written atomically
 
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
+// Best effort: a leftover temporary directory is harmless (its name says what it is).
+static void rmtree(const char *path) {
+    nm_error ignored;
+    nm_remove_tree(path, &ignored);
 }
-
-static void rmtree(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
 
 static int dir_is_empty(const char *path) {
     DIR *d = opendir(path);

@@ -1,8 +1,10 @@
 // nm_fileutil.c — atomic writes and directory helpers.
+#define _GNU_SOURCE // nftw
 #include "nm_fileutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -242,5 +244,17 @@ out:
     }
     *out = buf;
     *size = n;
+    return NM_OK;
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+nm_status nm_remove_tree(const char *path, nm_error *err) {
+    // depth first, without following symbolic links (a link is removed, not its target)
+    if (nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
+        return nm_fail(err, NM_ERR_IO, "cannot remove %s: %s", path, strerror(errno));
     return NM_OK;
 }

@@ -36,6 +36,8 @@ char *nm_first_missing_dir(const char *path);
 // Undo of nm_mkdir_p: removes `path` and its parents up to and including `top` (empty
 // directories only). Used to leave nothing behind after a failure.
 void nm_rmdir_up_to(const char *path, const char *top);
+// Removes a file or a directory tree (links are removed, never followed).
+nm_status nm_remove_tree(const char *path, nm_error *err);
 // 1 if path exists (any type), 0 otherwise.
 int nm_path_exists(const char *path);
 int nm_is_dir(const char *path);

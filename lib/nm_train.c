@@ -268,22 +268,6 @@ static long newest_checkpoint(const char *dir, long *older, int n_older) {
     return best;
 }
 
-static nm_status remove_tree(const char *path, nm_error *err) {
-    DIR *d = opendir(path);
-    if (!d) return nm_fail(err, NM_ERR_IO, "%s: %s", path, strerror(errno));
-    struct dirent *e;
-    nm_status s = NM_OK;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        char *f = nm_path_join(path, e->d_name);
-        if (!f || unlink(f) != 0) s = nm_fail(err, NM_ERR_IO, "cannot remove %s", f ? f : path);
-        free(f);
-    }
-    closedir(d);
-    if (s == NM_OK && rmdir(path) != 0) s = nm_fail(err, NM_ERR_IO, "cannot remove %s: %s", path, strerror(errno));
-    return s;
-}
-
 static nm_status write_state(const char *path, const trainer *tr, double loss, nm_error *err) {
     json_t *j = json_pack("{sssisIsosfss}", "format", "nullmap-train-state", "format_version", 1, "step",
                           (json_int_t)tr->step, "train", train_config_json(&tr->tc), "loss", loss, "data",
@@ -343,17 +327,17 @@ static nm_status save_checkpoint(trainer *tr, double loss, nm_error *err) {
          *state = tmp ? nm_path_join(tmp, "state.json") : NULL;
     nm_status s = NM_OK;
     if (!opt || !state) s = NM_NOMEM(err, "checkpoint path");
-    if (s == NM_OK && nm_path_exists(tmp)) s = remove_tree(tmp, err);
+    if (s == NM_OK && nm_path_exists(tmp)) s = nm_remove_tree(tmp, err);
     if (s == NM_OK) s = nm_model_save(&tr->params, tmp, NM_DT_F32, err);
     if (s == NM_OK) s = moments_io(tr, opt, 1, err);
     if (s == NM_OK) s = write_state(state, tr, loss, err);
-    if (s == NM_OK && nm_path_exists(final_dir)) s = remove_tree(final_dir, err); // an older run's same step
+    if (s == NM_OK && nm_path_exists(final_dir)) s = nm_remove_tree(final_dir, err); // an older run's same step
     if (s == NM_OK && rename(tmp, final_dir) != 0)
         s = nm_fail(err, NM_ERR_IO, "cannot rename %s to %s: %s", tmp, final_dir, strerror(errno));
     if (s == NM_OK) nm_fsync_parent(final_dir);
     if (s != NM_OK && tmp && nm_path_exists(tmp)) {
         nm_error ignored;
-        remove_tree(tmp, &ignored);
+        nm_remove_tree(tmp, &ignored);
     }
     // keep the newest CKPT_KEEP
     if (s == NM_OK) {
@@ -367,7 +351,7 @@ static nm_status save_checkpoint(trainer *tr, double loss, nm_error *err) {
             if (newer >= CKPT_KEEP) {
                 char *nm = ckpt_name(steps[i]), *dir = nm ? nm_path_join(tr->o->out_dir, nm) : NULL;
                 nm_error ignored;
-                if (dir) remove_tree(dir, &ignored);
+                if (dir) nm_remove_tree(dir, &ignored);
                 free(nm);
                 free(dir);
             }
