@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -245,9 +246,9 @@ static char *ckpt_name(long step) {
     return strdup(buf);
 }
 
-// Step of the newest whole checkpoint in dir (-1: none).
-static long newest_checkpoint(const char *dir, long *older, int n_older) {
-    for (int i = 0; i < n_older; i++) older[i] = -1;
+// The largest step < below with a whole checkpoint in dir (-1: none). ".tmp-<pid>"
+// directories (unfinished) do not count.
+static long checkpoint_below(const char *dir, long below) {
     DIR *d = opendir(dir);
     if (!d) return -1;
     long best = -1;
@@ -256,13 +257,7 @@ static long newest_checkpoint(const char *dir, long *older, int n_older) {
         char *end;
         if (strncmp(e->d_name, CKPT_PREFIX, strlen(CKPT_PREFIX))) continue;
         long st = strtol(e->d_name + strlen(CKPT_PREFIX), &end, 10);
-        if (*end || st < 0) continue; // ".tmp-<pid>": an unfinished one
-        if (st > best) best = st;
-        for (int i = 0; i < n_older; i++)
-            if (older[i] < 0) {
-                older[i] = st;
-                break;
-            }
+        if (!*end && st >= 0 && st < below && st > best) best = st;
     }
     closedir(d);
     return best;
@@ -339,22 +334,16 @@ static nm_status save_checkpoint(trainer *tr, double loss, nm_error *err) {
         nm_error ignored;
         nm_remove_tree(tmp, &ignored);
     }
-    // keep the newest CKPT_KEEP
+    // keep the newest CKPT_KEEP: walk down from the one just written, remove what lies below
     if (s == NM_OK) {
-        long steps[64];
-        newest_checkpoint(tr->o->out_dir, steps, 64);
-        int n = 0;
-        while (n < 64 && steps[n] >= 0) n++;
-        for (int i = 0; i < n; i++) {
-            int newer = 0;
-            for (int j = 0; j < n; j++) newer += steps[j] > steps[i];
-            if (newer >= CKPT_KEEP) {
-                char *nm = ckpt_name(steps[i]), *dir = nm ? nm_path_join(tr->o->out_dir, nm) : NULL;
-                nm_error ignored;
-                if (dir) nm_remove_tree(dir, &ignored);
-                free(nm);
-                free(dir);
-            }
+        long keep = tr->step, old;
+        for (int k = 1; k < CKPT_KEEP && keep >= 0; k++) keep = checkpoint_below(tr->o->out_dir, keep);
+        while (keep >= 0 && (old = checkpoint_below(tr->o->out_dir, keep)) >= 0) {
+            char *nm = ckpt_name(old), *dir = nm ? nm_path_join(tr->o->out_dir, nm) : NULL;
+            nm_error ignored;
+            if (!dir || nm_remove_tree(dir, &ignored) != NM_OK) keep = -1; // cannot remove: stop trying
+            free(nm);
+            free(dir);
         }
     }
     free(name);
@@ -495,7 +484,7 @@ static nm_status setup(trainer *tr, nm_error *err) {
     for (int i = 0; i < tr->n_specs; i++) tr->decays[i] = (uint8_t)nm_param_decays(tr->specs[i].name);
     tr->perm_epoch = -1;
     if ((s = nm_mkdir_p(o->out_dir, err)) != NM_OK) return s;
-    long newest = newest_checkpoint(o->out_dir, NULL, 0);
+    long newest = checkpoint_below(o->out_dir, LONG_MAX);
     if (o->resume) {
         if (newest < 0)
             return nm_fail(err, NM_ERR_IO, "%s: no checkpoint to resume from (ckpt-NNNNNNN directories)", o->out_dir);
