@@ -37,7 +37,7 @@ nm_status nm_generate(const nm_model *m, nm_engine **engine, const nm_request *r
                       nm_error *err) {
     const nm_config *cfg = &m->cfg;
     nm_status s = NM_OK;
-    nm_image img = {0}, sized = {0};
+    int img_w = 0, img_h = 0; // the image file's own size, for the trace
     nm_sequence seq = {0};
     float *pixels = NULL, *logits = NULL;
     memset(trace, 0, sizeof *trace);
@@ -46,14 +46,8 @@ nm_status nm_generate(const nm_model *m, nm_engine **engine, const nm_request *r
     if (req->image_path) {
         if (!cfg->has_vision)
             return nm_fail(err, NM_ERR_INVALID, "%s: the model is text-only and cannot take an image", req->image_path);
-        if ((s = nm_image_load(&img, req->image_path, err)) != NM_OK) goto out;
-        if ((s = nm_image_resize(&sized, &img, cfg->image_size, cfg->image_size, err)) != NM_OK) goto out;
-        pixels = malloc((size_t)3 * cfg->image_size * cfg->image_size * sizeof(float));
-        if (!pixels) {
-            s = NM_NOMEM(err, "pixels");
+        if ((s = nm_image_load_pixels(&pixels, req->image_path, cfg->image_size, &img_w, &img_h, err)) != NM_OK)
             goto out;
-        }
-        nm_image_normalize(pixels, &sized);
     }
     if ((s = nm_sequence_build(&seq, cfg, req->prompt, req->image_path != NULL, req->max_new_tokens, err)) != NM_OK)
         goto out;
@@ -64,8 +58,8 @@ nm_status nm_generate(const nm_model *m, nm_engine **engine, const nm_request *r
         s = NM_NOMEM(err, "sample text");
         goto out;
     }
-    trace->image_width = img.width;
-    trace->image_height = img.height;
+    trace->image_width = img_w;
+    trace->image_height = img_h;
     trace->grid_rows = trace->grid_cols = req->image_path ? nm_config_grid(cfg) : 0;
     trace->n_prompt_tokens = seq.n;
 
@@ -101,7 +95,5 @@ out:
     free(logits);
     free(pixels);
     nm_sequence_free(&seq);
-    nm_image_free(&img);
-    nm_image_free(&sized);
     return s;
 }

@@ -666,3 +666,20 @@ void nm_image_normalize(float *out, const nm_image *img) {
     for (size_t i = 0; i < plane; i++)
         for (size_t c = 0; c < 3; c++) out[c * plane + i] = (float)img->rgb[i * 3 + c] / 127.5f - 1.0f;
 }
+
+nm_status nm_image_load_pixels(float **out, const char *path, int size, int *width, int *height, nm_error *err) {
+    nm_image img = {0}, sized = {0};
+    *out = NULL;
+    nm_status s = nm_image_load(&img, path, err);
+    if (s == NM_OK) s = nm_image_resize(&sized, &img, size, size, err);
+    if (s == NM_OK) {
+        *out = malloc((size_t)3 * size * size * sizeof(float));
+        if (*out) nm_image_normalize(*out, &sized);
+        else s = NM_NOMEM(err, "pixels");
+    }
+    if (s == NM_OK && width) *width = img.width;
+    if (s == NM_OK && height) *height = img.height;
+    nm_image_free(&img);
+    nm_image_free(&sized);
+    return s;
+}

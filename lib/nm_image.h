@@ -33,4 +33,9 @@ nm_status nm_image_resize(nm_image *out, const nm_image *in, int out_w, int out_
 // out must hold 3*S*S floats.
 void nm_image_normalize(float *out, const nm_image *img);
 
+// What a model takes from an image file: load, resize to size x size, normalise into a
+// malloc'd (3, size, size) array (*out; the caller frees). width/height (may be NULL) get the
+// file's own size. On failure *out is NULL.
+nm_status nm_image_load_pixels(float **out, const char *path, int size, int *width, int *height, nm_error *err);
+
 #endif

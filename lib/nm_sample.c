@@ -15,20 +15,6 @@ void nm_sample_free(nm_sample *s) {
     memset(s, 0, sizeof *s);
 }
 
-static nm_status load_pixels(float **out, const nm_config *cfg, const char *path, nm_error *err) {
-    nm_image img = {0}, sized = {0};
-    nm_status s = nm_image_load(&img, path, err);
-    if (s == NM_OK) s = nm_image_resize(&sized, &img, cfg->image_size, cfg->image_size, err);
-    if (s == NM_OK) {
-        *out = malloc((size_t)3 * cfg->image_size * cfg->image_size * sizeof(float));
-        if (*out) nm_image_normalize(*out, &sized);
-        else s = NM_NOMEM(err, "pixels");
-    }
-    nm_image_free(&img);
-    nm_image_free(&sized);
-    return s;
-}
-
 nm_status nm_sample_build(nm_sample *s, const nm_config *cfg, const nm_data_record *r, nm_error *err) {
     memset(s, 0, sizeof *s);
     const size_t alen = strlen(r->answer);
@@ -47,7 +33,7 @@ nm_status nm_sample_build(nm_sample *s, const nm_config *cfg, const nm_data_reco
         st = nm_fail(err, NM_ERR_INVALID, "record %s has an image but the model is text-only", r->id);
         goto fail;
     }
-    if (r->image && (st = load_pixels(&s->pixels, cfg, r->image, err)) != NM_OK) {
+    if (r->image && (st = nm_image_load_pixels(&s->pixels, r->image, cfg->image_size, NULL, NULL, err)) != NM_OK) {
         nm_error_prefix(err, "record %s: ", r->id);
         goto fail;
     }
