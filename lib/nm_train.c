@@ -23,6 +23,7 @@
 #include "nm_sample.h"
 #include "nm_tensor_file.h"
 #include "nm_trace.h"
+#include "nm_train_ops.h"
 
 #define CKPT_PREFIX "ckpt-"
 #define CKPT_KEEP 2
@@ -222,14 +223,9 @@ static nm_status build_batch(trainer *tr, long step, nm_error *err) {
             if (w == 0.0) b->target[t] = -1; // no row in the LM head for it
             b->loss_w[t] = (float)w;
             wsum += w;
-            if (sm->seq.id[j] < 0) { // patch token: its pixels, (channel, row, col)
-                const int S = c->image_size, g = S / p, gr = sm->seq.patch[j] / g, gc = sm->seq.patch[j] % g;
-                float *dst = b->patch_rows + (size_t)r++ * pp;
-                for (int ch = 0; ch < 3; ch++)
-                    for (int y = 0; y < p; y++)
-                        memcpy(dst + (ch * p + y) * p, sm->pixels + ((size_t)ch * S + gr * p + y) * S + gc * p,
-                               (size_t)p * sizeof(float));
-            }
+            if (sm->seq.id[j] < 0) // patch token: its pixels as a row, (channel, row, col)
+                nm_patch_gather_f32(b->patch_rows + (size_t)r++ * pp, sm->pixels, &sm->seq.patch[j], 1,
+                                    c->image_size, p);
         }
     }
     b->start[B] = T;
