@@ -24,6 +24,7 @@ typedef struct {
     int32_t *cells;     // [n_patch] grid cell of each patch row (backward of pos_embed)
     R *xl, *xf, *rstdf; // (n_loss, D), (n_loss, D), (n_loss): final norm of the loss rows
     R *logits;        // (n_loss, V), then the softmax in place for the backward
+    double *row_max, *row_sum; // (n_loss) of the softmax of each logits row, kept for the backward
     R *patch_emb;     // (n_patch, D)
     // backward scratch
     R *dx, *dh, *dy, *dt, *dq, *dk, *dv, *dao, *datt, *dpe;
@@ -42,6 +43,8 @@ static void FN(acts_release)(FN(acts_priv) *p) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(p->loss_rows);
     free(p->cells);
+    free(p->row_max);
+    free(p->row_sum);
     memset(p, 0, sizeof *p);
 }
 
@@ -160,6 +163,11 @@ static nm_status FN(acts_reserve)(FN(acts_priv) *p, const nm_config *c, const FN
         GROW(p->xf, (size_t)n_loss * D);
         GROW(p->rstdf, n_loss);
         GROW(p->logits, (size_t)n_loss * V);
+        free(p->row_max);
+        free(p->row_sum);
+        p->row_max = malloc((size_t)n_loss * sizeof(double));
+        p->row_sum = malloc((size_t)n_loss * sizeof(double));
+        if (!p->row_max || !p->row_sum) return NM_NOMEM(err, "training activations");
         p->cap_rows = n_loss;
     }
     if (att > p->cap_att) {
@@ -290,6 +298,8 @@ nm_status FN(nm_train_forward)(FN(nm_train_acts) *a, nm_train_stats *st, const R
         double mx = z[0], sum = 0;
         for (int i = 1; i < V; i++) mx = z[i] > mx ? z[i] : mx;
         for (int i = 0; i < V; i++) sum += exp((double)z[i] - mx);
+        p->row_max[r] = mx;
+        p->row_sum[r] = sum;
         const double lse = mx + log(sum), l_t = lse - z[b->target[t]];
         ce += (double)b->loss_w[t] * l_t;
         if (b->loss_kind[t] == NM_LOSS_ANSWER) ca += l_t, st->n_answer++;
@@ -318,10 +328,7 @@ nm_status FN(nm_train_backward)(FN(nm_train_acts) *a, R *grads, const R *params,
     for (int r = 0; r < n_loss; r++) {
         const int t = p->loss_rows[r];
         R *z = p->logits + (size_t)r * V;
-        double mx = z[0], sum = 0;
-        for (int i = 1; i < V; i++) mx = z[i] > mx ? z[i] : mx;
-        for (int i = 0; i < V; i++) sum += exp((double)z[i] - mx);
-        const double w = b->loss_w[t];
+        const double mx = p->row_max[r], sum = p->row_sum[r], w = b->loss_w[t]; // from the forward
         for (int i = 0; i < V; i++) z[i] = (R)(w * exp((double)z[i] - mx) / sum);
         z[b->target[t]] -= (R)w;
     }
