@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <time.h>
+#include <string.h>
 #include <unistd.h>
 
 int cli_exit_code(nm_status s) {
@@ -93,4 +94,15 @@ void cli_print_text(FILE *out, const char *s) {
         else if (*p < 0x20 || *p == 0x7f) fprintf(out, "\\x%02x", *p);
         else fputc(*p, out);
     }
+}
+
+int cli_parse_storage_dtype(const char *s, nm_dtype *out) {
+    static const struct { const char *name; nm_dtype dt; } names[] = {
+        {"f32", NM_DT_F32}, {"bf16", NM_DT_BF16}, {"f16", NM_DT_F16}};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+        if (!strcmp(s, names[i].name)) {
+            *out = names[i].dt;
+            return 0;
+        }
+    return 1;
 }

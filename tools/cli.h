@@ -7,6 +7,7 @@
 #include "nm_error.h"
 #include "nm_metrics.h"
 #include "nm_render.h"
+#include "nm_safetensors.h"
 
 // Exit codes (documented in README.md and in `nullmap --help`).
 enum {
@@ -23,6 +24,8 @@ int cli_exit_code(nm_status s);
 int cli_report(const char *cmd, const nm_error *err);
 // Prints a usage error and returns EXIT_USAGE.
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+// Parses a model storage dtype option value: f32, bf16 or f16; returns 0 on success.
+int cli_parse_storage_dtype(const char *s, nm_dtype *out);
 // Parses a non-negative integer option value; returns 0 on success.
 int cli_parse_int(const char *s, long lo, long hi, int *out);
 

@@ -42,10 +42,8 @@ int cmd_init(int argc, char **argv) {
             break;
         }
         case 'd':
-            if (!strcmp(optarg, "f32")) dtype = NM_DT_F32;
-            else if (!strcmp(optarg, "bf16")) dtype = NM_DT_BF16;
-            else if (!strcmp(optarg, "f16")) dtype = NM_DT_F16;
-            else return cli_usage_error("init", "--dtype must be f32, bf16 or f16, got '%s'", optarg);
+            if (cli_parse_storage_dtype(optarg, &dtype))
+                return cli_usage_error("init", "--dtype must be f32, bf16 or f16, got '%s'", optarg);
             break;
         case 'f': force = 1; break;
         case 'h': fputs(HELP, stdout); return EXIT_OK;

@@ -86,10 +86,8 @@ int cmd_train(int argc, char **argv) {
             o.stop_after = n;
             break;
         case 't':
-            if (!strcmp(optarg, "f32")) o.final_dtype = NM_DT_F32;
-            else if (!strcmp(optarg, "bf16")) o.final_dtype = NM_DT_BF16;
-            else if (!strcmp(optarg, "f16")) o.final_dtype = NM_DT_F16;
-            else return cli_usage_error("train", "--final-dtype must be f32, bf16 or f16, got '%s'", optarg);
+            if (cli_parse_storage_dtype(optarg, &o.final_dtype))
+                return cli_usage_error("train", "--final-dtype must be f32, bf16 or f16, got '%s'", optarg);
             break;
         case 'h': fputs(HELP, stdout); return EXIT_OK;
         default: return cli_usage_error("train", "unknown or incomplete option '%s'", argv[optind - 1]);
