@@ -248,3 +248,13 @@ fail:
     json_decref(tok);
     return NULL;
 }
+
+void nm_config_init_byte(nm_config *c) {
+    memset(c, 0, sizeof *c);
+    c->format_version = 1;
+    c->vocab_size = 261;
+    c->rope_theta = 10000.0;
+    c->rms_norm_eps = 1e-6;
+    c->moe.null_kind = NM_NULL_ZERO;
+    c->tok = (nm_tokenizer_config){.bos = 256, .eos = 257, .image_start = 258, .image_end = 259, .pad = 260};
+}

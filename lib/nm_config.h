@@ -51,6 +51,11 @@ typedef struct {
 #define NM_MAX_VOCAB (1 << 22)
 #define NM_MAX_POSITIONS (1 << 20)
 
+// A config built in code (tests, benches): zeroes *c and sets the parts every nullmap model
+// shares — format_version 1, rope_theta 10000, rms_norm_eps 1e-6, the byte tokenizer (vocab 261,
+// specials 256..260), zero null experts, untied head, text-only. The caller sets the shape.
+void nm_config_init_byte(nm_config *c);
+
 // Parses and validates config.json (through jansson). `path` is used in messages.
 nm_status nm_config_load(nm_config *cfg, const char *path, nm_error *err);
 nm_status nm_config_parse(nm_config *cfg, const char *json_text, const char *path, nm_error *err);

@@ -11,8 +11,8 @@
 #include "test_util.h"
 
 static nm_config small_config(int vision, int M, int Hs) {
-    nm_config c = {0};
-    c.format_version = 1;
+    nm_config c;
+    nm_config_init_byte(&c);
     c.hidden_size = 48;
     c.num_layers = 3;
     c.num_heads = 4;
@@ -20,15 +20,12 @@ static nm_config small_config(int vision, int M, int Hs) {
     c.head_dim = 12;
     c.vocab_size = 262;
     c.max_positions = 200;
-    c.rope_theta = 10000.0;
-    c.rms_norm_eps = 1e-6;
     c.moe = (nm_moe_config){.num_experts = 6, .null_copies = M, .top_k = 4, .expert_hidden = 20,
                             .shared_expert_hidden = Hs, .null_kind = NM_NULL_ZERO};
     c.has_vision = vision;
     c.image_size = vision ? 16 : 0;
     c.patch_size = vision ? 4 : 0;
     c.channels = 3;
-    c.tok = (nm_tokenizer_config){256, 257, 258, 259, 260};
     return c;
 }
 

@@ -23,24 +23,20 @@
 // Helpers
 
 static nm_config tiny_config(int vision, int max_positions) {
-    nm_config c = {0};
-    c.format_version = 1;
+    nm_config c;
+    nm_config_init_byte(&c);
     c.hidden_size = 32;
     c.num_layers = 2;
     c.num_heads = 2;
     c.num_kv_heads = 1;
     c.head_dim = 16;
-    c.vocab_size = 261;
     c.max_positions = max_positions;
-    c.rope_theta = 10000.0;
-    c.rms_norm_eps = 1e-6;
     c.moe = (nm_moe_config){.num_experts = 4, .null_copies = 4, .top_k = 3, .expert_hidden = 16,
                             .shared_expert_hidden = 8, .null_kind = NM_NULL_ZERO};
     c.has_vision = vision;
     c.image_size = vision ? 32 : 0;
     c.patch_size = vision ? 8 : 0;
     c.channels = 3;
-    c.tok = (nm_tokenizer_config){256, 257, 258, 259, 260};
     return c;
 }
 

@@ -609,8 +609,8 @@ END_TEST
 // The engine on a one-layer model whose MoE outputs zero (down projections zeroed, no shared
 // expert) computes exactly the model case: compare all logits, with an image.
 START_TEST(test_forward_matches_engine) {
-    nm_config cfg = {0};
-    cfg.format_version = 1;
+    nm_config cfg;
+    nm_config_init_byte(&cfg);
     cfg.hidden_size = 24;
     cfg.num_layers = 1;
     cfg.num_heads = 4;
@@ -618,15 +618,12 @@ START_TEST(test_forward_matches_engine) {
     cfg.head_dim = 8;
     cfg.vocab_size = 262;
     cfg.max_positions = 64;
-    cfg.rope_theta = 10000.0;
-    cfg.rms_norm_eps = 1e-6;
     cfg.moe = (nm_moe_config){.num_experts = 4, .null_copies = 4, .top_k = 2, .expert_hidden = 8,
                               .shared_expert_hidden = 0, .null_kind = NM_NULL_ZERO};
     cfg.has_vision = 1;
     cfg.image_size = 8;
     cfg.patch_size = 4;
     cfg.channels = 3;
-    cfg.tok = (nm_tokenizer_config){256, 257, 258, 259, 260};
     nm_model m;
     nm_error err;
     ck_assert_int_eq(nm_model_init_random(&m, &cfg, 21, &err), NM_OK);

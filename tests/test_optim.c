@@ -376,8 +376,8 @@ END_TEST
 // The rule on every tensor of a real model (vision, shared expert, untied head): the name rule
 // gives exactly "1-D tensors do not decay".
 START_TEST(test_param_decays) {
-    nm_config cfg = {0};
-    cfg.format_version = 1;
+    nm_config cfg;
+    nm_config_init_byte(&cfg);
     cfg.hidden_size = 8;
     cfg.num_layers = 2;
     cfg.num_heads = 2;
@@ -385,15 +385,12 @@ START_TEST(test_param_decays) {
     cfg.head_dim = 4;
     cfg.vocab_size = 262;
     cfg.max_positions = 32;
-    cfg.rope_theta = 10000.0;
-    cfg.rms_norm_eps = 1e-6;
     cfg.moe = (nm_moe_config){.num_experts = 2, .null_copies = 2, .top_k = 2, .expert_hidden = 4,
                               .shared_expert_hidden = 4, .null_kind = NM_NULL_ZERO};
     cfg.has_vision = 1;
     cfg.image_size = 8;
     cfg.patch_size = 4;
     cfg.channels = 3;
-    cfg.tok = (nm_tokenizer_config){256, 257, 258, 259, 260};
     nm_model m;
     nm_error err;
     ck_assert_msg(nm_model_init_random(&m, &cfg, 5, &err) == NM_OK, "%s", err.msg);

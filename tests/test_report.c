@@ -157,19 +157,15 @@ static int rint_(nm_test_rng *r, int lo, int hi) { return lo + (int)(nm_test_rng
 static void make_c_trace(c_trace *ct, const char *path, uint64_t seed) {
     memset(ct, 0, sizeof *ct);
     nm_config *c = &ct->cfg;
-    c->format_version = 1;
+    nm_config_init_byte(c);
     c->hidden_size = 64;
     c->num_layers = 3;
     c->num_heads = 4;
     c->num_kv_heads = 4;
     c->head_dim = 16;
-    c->vocab_size = 261;
     c->max_positions = 1024;
-    c->rope_theta = 10000.0;
-    c->rms_norm_eps = 1e-6;
     c->moe = (nm_moe_config){.num_experts = 8, .null_copies = 8, .top_k = 8, .expert_hidden = 32,
                              .shared_expert_hidden = 0, .null_kind = NM_NULL_ZERO};
-    c->tok = (nm_tokenizer_config){256, 257, 258, 259, 260};
     int L = c->num_layers, K = c->moe.top_k, N = c->moe.num_experts;
     nm_test_rng r = {seed};
     nm_error err = {0};

@@ -17,32 +17,22 @@
 // Helpers
 
 static void make_cfg(nm_config *c, int L, int N, int M, int K) {
-    memset(c, 0, sizeof *c);
-    c->format_version = 1;
+    nm_config_init_byte(c);
     c->hidden_size = 96;
     c->num_layers = L;
     c->num_heads = 6;
     c->num_kv_heads = 2;
     c->head_dim = 16;
-    c->vocab_size = 261;
     c->max_positions = 4096;
-    c->rope_theta = 10000.0;
-    c->rms_norm_eps = 1e-6;
     c->moe.num_experts = N;
     c->moe.null_copies = M;
     c->moe.top_k = K;
     c->moe.expert_hidden = 48;
     c->moe.shared_expert_hidden = 32;
-    c->moe.null_kind = NM_NULL_ZERO;
     c->has_vision = 1;
     c->image_size = 64;
     c->patch_size = 8;
     c->channels = 3;
-    c->tok.bos = 256;
-    c->tok.eos = 257;
-    c->tok.image_start = 258;
-    c->tok.image_end = 259;
-    c->tok.pad = 260;
 }
 
 static int rint_(nm_test_rng *r, int lo, int hi) { // uniform in lo..hi

@@ -33,24 +33,20 @@
 #define W_Z 0.05
 
 static nm_config small_config(int shared, int copy) {
-    nm_config c = {0};
-    c.format_version = 1;
+    nm_config c;
+    nm_config_init_byte(&c);
     c.hidden_size = 16;
     c.num_layers = 2;
     c.num_heads = 2;
     c.num_kv_heads = 1;
     c.head_dim = 8;
-    c.vocab_size = 261;
     c.max_positions = 64;
-    c.rope_theta = 10000.0;
-    c.rms_norm_eps = 1e-6;
     c.moe = (nm_moe_config){.num_experts = 4, .null_copies = 4, .top_k = 3, .expert_hidden = 8,
                             .shared_expert_hidden = shared ? 8 : 0, .null_kind = copy ? NM_NULL_COPY : NM_NULL_ZERO};
     c.has_vision = 1;
     c.image_size = 16;
     c.patch_size = 8;
     c.channels = 3;
-    c.tok = (nm_tokenizer_config){.bos = 256, .eos = 257, .image_start = 258, .image_end = 259, .pad = 260};
     return c;
 }
 

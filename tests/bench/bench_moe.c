@@ -362,8 +362,8 @@ static void bench_prefill(int reps) {
     // A 4-layer text model, D = 256: 4 heads of 64 (MHA), N = 16 experts of H = 128 (D/2,
     // fine-grained), K^4_0.5 (K = 4, M = 16, E[K] = 2 once trained), no shared expert, byte
     // vocabulary. Random init: the router is untrained, so most slots are real (FINDINGS.md).
-    nm_config c = {0};
-    c.format_version = 1;
+    nm_config c;
+    nm_config_init_byte(&c);
     c.hidden_size = 256;
     c.num_layers = 4;
     c.num_heads = 4;
@@ -371,11 +371,8 @@ static void bench_prefill(int reps) {
     c.head_dim = 64;
     c.vocab_size = 262;
     c.max_positions = 1024;
-    c.rope_theta = 10000.0;
-    c.rms_norm_eps = 1e-6;
     c.moe = (nm_moe_config){.num_experts = 16, .null_copies = 16, .top_k = 4, .expert_hidden = 128,
                             .shared_expert_hidden = 0, .null_kind = NM_NULL_ZERO};
-    c.tok = (nm_tokenizer_config){.bos = 256, .eos = 257, .image_start = 258, .image_end = 259, .pad = 260};
     nm_model m = {0};
     nm_error err = {0};
     nm_engine *e = NULL;
@@ -468,24 +465,20 @@ static void bench_train(int reps) {
     // The shipped model's shape (samples/configs/k8_rho0.5.json): D = 128, 4 layers, 4 heads of
     // 32 (2 kv heads), N = 16 experts of H = 64 + a shared expert of 64, K^8_0.5, 64x64 images in
     // 8x8 patches; a batch of 32 image samples of 64 patches + 50 prompt bytes + 5 answer bytes.
-    nm_config c = {0};
-    c.format_version = 1;
+    nm_config c;
+    nm_config_init_byte(&c);
     c.hidden_size = 128;
     c.num_layers = 4;
     c.num_heads = 4;
     c.num_kv_heads = 2;
     c.head_dim = 32;
-    c.vocab_size = 261;
     c.max_positions = 256;
-    c.rope_theta = 10000.0;
-    c.rms_norm_eps = 1e-6;
     c.moe = (nm_moe_config){.num_experts = 16, .null_copies = 16, .top_k = 8, .expert_hidden = 64,
                             .shared_expert_hidden = 64, .null_kind = NM_NULL_ZERO};
     c.has_vision = 1;
     c.image_size = 64;
     c.patch_size = 8;
     c.channels = 3;
-    c.tok = (nm_tokenizer_config){.bos = 256, .eos = 257, .image_start = 258, .image_end = 259, .pad = 260};
     enum { B = 32, NP = 64, PROMPT = 50, ANSWER = 5, TS = 3 + NP + PROMPT + ANSWER };
     const int T = B * TS, pp = 3 * 8 * 8;
     nm_error err = {0};
