@@ -754,17 +754,23 @@ def verify_case(out_dir, c):
     return good
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def generator_main(doc, out_help, verify_help, generate, verify):
+    """The command line every fixture generator shares: --out DIR writes, --verify DIR re-reads
+    and checks (one of the two); torch on one thread, so the bytes do not depend on the machine."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--out", help="write the fixtures under DIR/<case>/")
-    g.add_argument("--verify", help="re-read DIR/<case>/ and check it")
+    g.add_argument("--out", help=out_help)
+    g.add_argument("--verify", help=verify_help)
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.out:
         generate(a.out)
     else:
         verify(a.verify)
+
+
+def main():
+    generator_main(__doc__, "write the fixtures under DIR/<case>/", "re-read DIR/<case>/ and check it", generate, verify)
 
 
 if __name__ == "__main__":

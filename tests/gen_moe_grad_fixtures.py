@@ -38,7 +38,6 @@ File layout (all F64 unless noted; shapes row-major):
 __metadata__: generator, version, case.
 """
 
-import argparse
 import os
 import sys
 
@@ -53,7 +52,7 @@ except ImportError:  # the pyenv python3 on PATH has no torch: retry with Debian
     raise
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_fixtures import raw_from_numpy, st_bytes, st_parse  # noqa: E402  (the one safetensors writer)
+from gen_fixtures import generator_main, raw_from_numpy, st_bytes, st_parse  # noqa: E402  (the one safetensors writer)
 
 GENERATOR = "tests/gen_moe_grad_fixtures.py"
 VERSION = "1"
@@ -264,16 +263,8 @@ def verify(d):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--out", help="write DIR/moe_grad_<case>.safetensors")
-    g.add_argument("--verify", help="re-read DIR/moe_grad_<case>.safetensors and check them")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    if a.out:
-        generate(a.out)
-    else:
-        verify(a.verify)
+    generator_main(__doc__, "write DIR/moe_grad_<case>.safetensors",
+                   "re-read DIR/moe_grad_<case>.safetensors and check them", generate, verify)
 
 
 if __name__ == "__main__":
