@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <math.h>
 #include <omp.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,81 +48,102 @@ void nm_train_config_defaults(nm_train_config *tc) {
                             .checkpoint_every = 250};
 }
 
-static nm_status get_num(json_t *o, const char *key, double lo, double hi, double *out, const char *path,
-                         nm_error *err) {
-    json_t *v = json_object_get(o, key);
-    if (!v) return NM_OK;
-    if (!json_is_number(v)) return nm_fail(err, NM_ERR_FORMAT, "%s: train.%s must be a number", path, key);
-    double x = json_number_value(v);
-    if (!(x >= lo && x <= hi))
-        return nm_fail(err, NM_ERR_INVALID, "%s: train.%s = %g is outside %g..%g", path, key, x, lo, hi);
-    *out = x;
+// Every key of the "train" object: where it lives in nm_train_config, its type and range. One
+// table drives the parser (unknown keys, types, ranges) and the JSON kept in checkpoints.
+typedef enum { TK_LONG, TK_INT, TK_U64, TK_DOUBLE } train_key_type;
+static const struct {
+    const char *key;
+    size_t off;
+    train_key_type type;
+    double lo, hi;
+} TRAIN_KEYS[] = {
+    {"steps", offsetof(nm_train_config, steps), TK_LONG, 1, 1e9},
+    {"batch_size", offsetof(nm_train_config, batch_size), TK_INT, 1, 65536},
+    {"lr", offsetof(nm_train_config, lr), TK_DOUBLE, 0, 1e6},
+    {"warmup_steps", offsetof(nm_train_config, warmup_steps), TK_LONG, 0, 1e9},
+    {"weight_decay", offsetof(nm_train_config, weight_decay), TK_DOUBLE, 0, 10},
+    {"grad_clip", offsetof(nm_train_config, grad_clip), TK_DOUBLE, 0, 1e9},
+    {"balance_weight", offsetof(nm_train_config, balance_weight), TK_DOUBLE, 0, 1e3},
+    {"z_weight", offsetof(nm_train_config, z_weight), TK_DOUBLE, 0, 1e3},
+    {"prompt_loss_weight", offsetof(nm_train_config, prompt_loss_weight), TK_DOUBLE, 0, 1e3},
+    {"data_seed", offsetof(nm_train_config, data_seed), TK_U64, 0, 9007199254740992.0},
+    {"init_seed", offsetof(nm_train_config, init_seed), TK_U64, 0, 9007199254740992.0},
+    {"checkpoint_every", offsetof(nm_train_config, checkpoint_every), TK_LONG, 1, 1e9},
+    {"decay_frac", offsetof(nm_train_config, decay_frac), TK_DOUBLE, 0, 1},
+    {"final_lr_frac", offsetof(nm_train_config, final_lr_frac), TK_DOUBLE, 0, 1},
+};
+enum { N_TRAIN_KEYS = sizeof TRAIN_KEYS / sizeof *TRAIN_KEYS };
+
+static void train_key_set(nm_train_config *tc, int k, double x) {
+    char *f = (char *)tc + TRAIN_KEYS[k].off;
+    switch (TRAIN_KEYS[k].type) {
+    case TK_LONG: *(long *)f = (long)x; break;
+    case TK_INT: *(int *)f = (int)x; break;
+    case TK_U64: *(uint64_t *)f = (uint64_t)x; break;
+    case TK_DOUBLE: *(double *)f = x; break;
+    }
+}
+
+static json_t *train_key_json(const nm_train_config *tc, int k) {
+    const char *f = (const char *)tc + TRAIN_KEYS[k].off;
+    switch (TRAIN_KEYS[k].type) {
+    case TK_LONG: return json_integer((json_int_t) * (const long *)f);
+    case TK_INT: return json_integer(*(const int *)f);
+    case TK_U64: return json_integer((json_int_t) * (const uint64_t *)f);
+    case TK_DOUBLE: break;
+    }
+    return json_real(*(const double *)f);
+}
+
+// Reads train.* of t into tc (absent keys keep their defaults).
+static nm_status parse_train_object(nm_train_config *tc, json_t *t, const char *path, nm_error *err) {
+    if (!json_is_object(t)) return nm_fail(err, NM_ERR_FORMAT, "%s: \"train\" must be an object", path);
+    const char *key;
+    json_t *v;
+    json_object_foreach(t, key, v) {
+        int k = 0;
+        while (k < N_TRAIN_KEYS && strcmp(TRAIN_KEYS[k].key, key)) k++;
+        if (k == N_TRAIN_KEYS) return nm_fail(err, NM_ERR_FORMAT, "%s: unknown key train.%s", path, key);
+    }
+    for (int k = 0; k < N_TRAIN_KEYS; k++) {
+        if (!(v = json_object_get(t, TRAIN_KEYS[k].key))) continue;
+        if (!json_is_number(v))
+            return nm_fail(err, NM_ERR_FORMAT, "%s: train.%s must be a number", path, TRAIN_KEYS[k].key);
+        double x = json_number_value(v);
+        if (!(x >= TRAIN_KEYS[k].lo && x <= TRAIN_KEYS[k].hi))
+            return nm_fail(err, NM_ERR_INVALID, "%s: train.%s = %g is outside %g..%g", path, TRAIN_KEYS[k].key, x,
+                           TRAIN_KEYS[k].lo, TRAIN_KEYS[k].hi);
+        train_key_set(tc, k, x);
+    }
     return NM_OK;
 }
 
 nm_status nm_train_config_load(nm_config *mc, nm_train_config *tc, const char *path, nm_error *err) {
     nm_train_config_defaults(tc);
-    nm_status s = nm_config_load(mc, path, err);
-    if (s != NM_OK) return s;
     char *text = NULL;
     size_t size = 0;
-    if ((s = nm_read_file(path, 1 << 20, &text, &size, err)) != NM_OK) return s;
+    nm_status s = nm_read_file(path, 1 << 20, &text, &size, err);
+    if (s == NM_OK && strlen(text) != size) s = nm_fail(err, NM_ERR_FORMAT, "%s: config contains a NUL byte", path);
+    if (s == NM_OK) s = nm_config_parse(mc, text, path, err); // the model part, as nm_config_load reads it
     json_error_t je;
-    json_t *root = json_loadb(text, size, 0, &je);
+    json_t *root = s == NM_OK ? json_loadb(text, size, 0, &je) : NULL;
     free(text);
+    if (s != NM_OK) return s;
     if (!root) return nm_fail(err, NM_ERR_FORMAT, "%s:%d: %s", path, je.line, je.text);
     json_t *t = json_object_get(root, "train");
-    static const char *keys[] = {"steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
-                                 "balance_weight", "z_weight", "prompt_loss_weight", "data_seed", "init_seed",
-                                 "checkpoint_every", "decay_frac", "final_lr_frac"};
-    if (t && !json_is_object(t)) s = nm_fail(err, NM_ERR_FORMAT, "%s: \"train\" must be an object", path);
-    const char *key;
-    json_t *val;
-    if (s == NM_OK && t)
-        json_object_foreach(t, key, val) {
-            size_t i = 0;
-            while (i < sizeof keys / sizeof *keys && strcmp(keys[i], key)) i++;
-            if (i == sizeof keys / sizeof *keys) {
-                s = nm_fail(err, NM_ERR_FORMAT, "%s: unknown key train.%s", path, key);
-                break;
-            }
-        }
-    double steps = (double)tc->steps, batch = tc->batch_size, warm = (double)tc->warmup_steps,
-           dseed = (double)tc->data_seed, iseed = (double)tc->init_seed, every = (double)tc->checkpoint_every;
-    if (s == NM_OK && t) {
-        if (s == NM_OK) s = get_num(t, "steps", 1, 1e9, &steps, path, err);
-        if (s == NM_OK) s = get_num(t, "batch_size", 1, 65536, &batch, path, err);
-        if (s == NM_OK) s = get_num(t, "lr", 0, 1e6, &tc->lr, path, err);
-        if (s == NM_OK) s = get_num(t, "warmup_steps", 0, 1e9, &warm, path, err);
-        if (s == NM_OK) s = get_num(t, "weight_decay", 0, 10, &tc->weight_decay, path, err);
-        if (s == NM_OK) s = get_num(t, "grad_clip", 0, 1e9, &tc->grad_clip, path, err);
-        if (s == NM_OK) s = get_num(t, "balance_weight", 0, 1e3, &tc->balance_weight, path, err);
-        if (s == NM_OK) s = get_num(t, "z_weight", 0, 1e3, &tc->z_weight, path, err);
-        if (s == NM_OK) s = get_num(t, "prompt_loss_weight", 0, 1e3, &tc->prompt_loss_weight, path, err);
-        if (s == NM_OK) s = get_num(t, "data_seed", 0, 9007199254740992.0, &dseed, path, err);
-        if (s == NM_OK) s = get_num(t, "init_seed", 0, 9007199254740992.0, &iseed, path, err);
-        if (s == NM_OK) s = get_num(t, "checkpoint_every", 1, 1e9, &every, path, err);
-        if (s == NM_OK) s = get_num(t, "decay_frac", 0, 1, &tc->decay_frac, path, err);
-        if (s == NM_OK) s = get_num(t, "final_lr_frac", 0, 1, &tc->final_lr_frac, path, err);
-    }
+    if (t) s = parse_train_object(tc, t, path, err);
     json_decref(root);
-    if (s != NM_OK) return s;
-    tc->steps = (long)steps;
-    tc->batch_size = (int)batch;
-    tc->warmup_steps = (long)warm;
-    tc->data_seed = (uint64_t)dseed;
-    tc->init_seed = (uint64_t)iseed;
-    tc->checkpoint_every = (long)every;
-    return NM_OK;
+    return s;
 }
 
 static json_t *train_config_json(const nm_train_config *tc) {
-    return json_pack("{sIsisfsIsfsfsfsfsfsIsIsIsfsf}", "steps", (json_int_t)tc->steps, "batch_size", tc->batch_size,
-                     "lr", tc->lr, "warmup_steps", (json_int_t)tc->warmup_steps, "weight_decay", tc->weight_decay,
-                     "grad_clip", tc->grad_clip, "balance_weight", tc->balance_weight, "z_weight", tc->z_weight,
-                     "prompt_loss_weight", tc->prompt_loss_weight, "data_seed", (json_int_t)tc->data_seed,
-                     "init_seed", (json_int_t)tc->init_seed, "checkpoint_every", (json_int_t)tc->checkpoint_every,
-                     "decay_frac", tc->decay_frac, "final_lr_frac", tc->final_lr_frac);
+    json_t *o = json_object();
+    for (int k = 0; o && k < N_TRAIN_KEYS; k++)
+        if (json_object_set_new(o, TRAIN_KEYS[k].key, train_key_json(tc, k)) != 0) {
+            json_decref(o);
+            return NULL;
+        }
+    return o;
 }
 
 // ---- the trainer's state ----
