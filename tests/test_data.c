@@ -7,6 +7,7 @@
 // colour, no object colour appears outside the object boxes. Reproducibility is byte-exact.
 #include <dirent.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -258,6 +259,18 @@ static void check_record(const char *dir, json_t *r, const char *split, int S, i
         for (int y = b[1]; y < b[3]; y++)
             for (int x = b[0]; x < b[2]; x++) ink += near(img.rgb + ((size_t)y * S + x) * 3, colour_rgb(sget(w, "colour")), 6);
         ck_assert_msg(ink >= 20, "%s: only %d pixels of the word's colour", id, ink);
+        // Words are drawn on flat backgrounds in ink of strong luminance contrast, so that
+        // their strokes show in every colour channel (see WORDS in lib/nm_data.c).
+        ck_assert_str_eq(sget(r, "background"), "flat");
+        json_t *tone = json_array_get(json_object_get(r, "background_rgb"), 0);
+        const uint8_t *c = colour_rgb(sget(w, "colour"));
+        double luma_bg = 0.299 * (double)json_integer_value(json_array_get(tone, 0)) +
+                         0.587 * (double)json_integer_value(json_array_get(tone, 1)) +
+                         0.114 * (double)json_integer_value(json_array_get(tone, 2));
+        double luma_ink = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
+        ck_assert_msg(fabs(luma_ink - luma_bg) >= 80.0, "%s: word ink luma %.0f on background luma %.0f", id, luma_ink,
+                      luma_bg);
+        ck_assert_msg(strlen(answer) == 3, "%s: word '%s' is not 3 letters", id, answer);
     }
     nm_image_free(&img);
 }
