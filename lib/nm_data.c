@@ -425,12 +425,16 @@ static void task_word(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *rec, sample *s
     cairo_set_font_size(cr, 100);
     cairo_text_extents_t e;
     cairo_text_extents(cr, w, &e);
-    double fs = S * ru(r, 0.36, 0.44);
+    // One font size, and the ink's top-left corner one pixel inside a cell of an 8 x 8 grid (the
+    // shipped model's patches at 64 x 64): a word then looks the same wherever it lies, up to
+    // whole patches, so a small model can learn its letters from few samples.
+    double fs = S * 0.36;
     if (e.width * fs / 100 > S * 0.88) fs = S * 0.88 * 100 / e.width;
     cairo_set_font_size(cr, fs);
     cairo_text_extents(cr, w, &e);
-    double mx = S - e.width - 2, my = S - e.height - 2;
-    double ix = 1 + (mx > 1 ? ru(r, 0, mx - 1) : 0), iy = 1 + (my > 1 ? ru(r, 0, my - 1) : 0); // ink top-left
+    double cell = S / 8.0;
+    int nx = (int)floor((S - e.width - 2) / cell) + 1, ny = (int)floor((S - e.height - 2) / cell) + 1;
+    double ix = 1 + cell * ri(r, nx < 1 ? 1 : nx), iy = 1 + cell * ri(r, ny < 1 ? 1 : ny); // ink top-left
     double ox = ix - e.x_bearing, oy = iy - e.y_bearing;
     set_rgb(cr, nm_data_colours[colour].rgb);
     cairo_move_to(cr, ox, oy);
