@@ -177,10 +177,10 @@ FUZZ_LIB_OBJ := $(patsubst %.c,$(FUZZ_BUILD)/%.o,$(LIB_SRC))
 FUZZ_UTIL_OBJ := $(FUZZ_BUILD)/tests/fuzz/fuzz_util.o $(FUZZ_BUILD)/tests/fuzz/fuzz_image.o
 FUZZ_BINS := $(patsubst %,$(FUZZ_BUILD)/fuzz_%,$(FUZZERS))
 .SECONDARY: $(patsubst %,$(FUZZ_BUILD)/tests/fuzz/fuzz_%.o,$(FUZZERS)) $(FUZZ_UTIL_OBJ)
-# The environment of every fuzz run: leaks fail (the library's own one-time allocations are
-# suppressed as in `make test SAN=1`), UBSan stops at the first report.
+# The environment of every fuzz run: leaks fail (third-party leaks suppressed, each explained in
+# tests/fuzz/lsan-fuzz.supp), UBSan stops at the first report.
 FUZZ_ENV := ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 \
-            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
+            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/fuzz/lsan-fuzz.supp:print_suppressions=0 \
             UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 OMP_NUM_THREADS=1
 FUZZ_OPTS := -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
 
@@ -210,7 +210,7 @@ fuzz-run: fuzz
 	        -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$f/ $$([ -f tests/fuzz/dict/$$f.dict ] && echo -dict=tests/fuzz/dict/$$f.dict) \
 	        $(FUZZ_BUILD)/corpus/$$f tests/fuzz/corpus/$$f >$(FUZZ_BUILD)/fuzz_$$f.log 2>&1 \
 	        || { tail -n 60 $(FUZZ_BUILD)/fuzz_$$f.log; echo "fuzz_$$f: FAILED (inputs in $(FUZZ_BUILD)/artifacts/$$f/)"; exit 1; }; \
-	    grep -E '^#[0-9]+ *DONE|^stat::' $(FUZZ_BUILD)/fuzz_$$f.log | tr '\n' ' '; echo; \
+	    grep -E '^#[0-9]+[[:space:]]+DONE|^stat::' $(FUZZ_BUILD)/fuzz_$$f.log | tr '\n' ' '; echo; \
 	done
 
 # Every committed input once: the corpora and the regression inputs of past crashes.

@@ -6,31 +6,24 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include "nm_error.h"
 #include "nm_fileutil.h"
 #include "nm_limits.h"
 
-static int g_fd = -1;
-static char g_path[64];
 static char g_dir[256];
+static char g_input[320];
 
+// A real file, not a memfd: HDF5 resolves the path it opens, and /proc/self/fd/N of a memfd
+// names no file ("can't retrieve real path").
 const char *fuzz_file_put(const uint8_t *data, size_t size) {
-    if (g_fd < 0) {
-        g_fd = memfd_create("nm-fuzz", MFD_CLOEXEC);
-        if (g_fd < 0) abort();
-        snprintf(g_path, sizeof g_path, "/proc/self/fd/%d", g_fd);
-    }
-    if (ftruncate(g_fd, 0) != 0) abort();
-    size_t done = 0;
-    while (done < size) {
-        ssize_t w = pwrite(g_fd, data + done, size - done, (off_t)done);
-        if (w <= 0) abort();
-        done += (size_t)w;
-    }
-    return g_path;
+    if (!g_input[0]) snprintf(g_input, sizeof g_input, "%s/input", fuzz_tmp_dir());
+    FILE *f = fopen(g_input, "wb");
+    if (!f) abort();
+    if (size && fwrite(data, 1, size, f) != size) abort();
+    if (fclose(f) != 0) abort();
+    return g_input;
 }
 
 static void remove_tmp_dir(void) {
@@ -40,7 +33,8 @@ static void remove_tmp_dir(void) {
 const char *fuzz_tmp_dir(void) {
     if (!g_dir[0]) {
         const char *base = getenv("TMPDIR");
-        snprintf(g_dir, sizeof g_dir, "%s/nm-fuzz-XXXXXX", base && *base ? base : "/tmp");
+        if (!base || !*base) base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"; // memory-backed when possible
+        snprintf(g_dir, sizeof g_dir, "%s/nm-fuzz-XXXXXX", base);
         if (!mkdtemp(g_dir)) abort();
         atexit(remove_tmp_dir);
     }

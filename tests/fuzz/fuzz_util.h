@@ -5,10 +5,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// A memory-backed file (memfd) the harness rewrites for every input, for readers that take a
-// path. fuzz_file_path() is "/proc/self/fd/N"; created on first use, never removed.
+// Writes the input to a file in fuzz_tmp_dir() (the same one each time) and returns its path,
+// for readers that take a path.
 const char *fuzz_file_put(const uint8_t *data, size_t size);
-// A private temporary directory (created once per process, removed at exit).
+// A private temporary directory (created once per process, removed at exit; under $TMPDIR,
+// else /dev/shm when writable, else /tmp).
 const char *fuzz_tmp_dir(void);
 // Writes data to dir/name (replacing it); aborts on failure (a harness bug, not a finding).
 void fuzz_write(const char *dir, const char *name, const void *data, size_t size);
