@@ -7,6 +7,9 @@
 #   make demo          install, build, run the shipped trained model on a held-out sample image
 #   make bench         speed benchmarks (ratios measured side by side in one run)
 #   make install PREFIX=/usr/local
+#   make fuzz          libFuzzer harnesses (clang; tests/fuzz/, separate build dir build-fuzz/)
+#   make fuzz-run      run each harness on its corpus: FUZZ_SECONDS=N each, or FUZZ_RUNS=N inputs
+#   make fuzz-regress  replay every corpus file and every tests/fuzz/crashes/* input once (CI)
 #
 # Variables: SAN=1, OPT=-O2, PREFIX=/usr/local, NVCC=auto (path to nvcc or "none").
 
@@ -54,7 +57,7 @@ BENCH_SRC := $(wildcard tests/bench/*.c)
 VERSION := 0.1.0
 NULLMAP := $(BUILD)/nullmap
 
-.PHONY: all deps test valgrind demo bench install clean fixtures
+.PHONY: all deps test valgrind demo bench install clean fixtures fuzz fuzz-run fuzz-regress
 
 CU_SRC := $(wildcard kernels/*.cu)
 
@@ -159,5 +162,65 @@ install: all
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_DIR@|$(BLAS_DIR)|' \
 	    lib/nullmap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/nullmap.pc
 
+# ---- fuzzing (tests/fuzz/README.md) ----
+# libnullmap is compiled again by clang with the fuzzer's coverage instrumentation plus ASan and
+# UBSan into build-fuzz/ (the gcc build is untouched); each harness links it with libFuzzer.
+FUZZ_CC ?= clang
+FUZZ_BUILD := build-fuzz
+FUZZERS := safetensors config png jpeg trace dataset prompt
+FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?=
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_CFLAGS := $(WARN) -O1 -g -fopenmp -fPIC -D_DEFAULT_SOURCE -D_FILE_OFFSET_BITS=64 -Ilib -Iviz $(PKG_CFLAGS) \
+               $(FUZZ_SAN) -DNM_VERSION='"$(VERSION)"'
+FUZZ_LIB_OBJ := $(patsubst %.c,$(FUZZ_BUILD)/%.o,$(LIB_SRC))
+FUZZ_UTIL_OBJ := $(FUZZ_BUILD)/tests/fuzz/fuzz_util.o $(FUZZ_BUILD)/tests/fuzz/fuzz_image.o
+FUZZ_BINS := $(patsubst %,$(FUZZ_BUILD)/fuzz_%,$(FUZZERS))
+.SECONDARY: $(patsubst %,$(FUZZ_BUILD)/tests/fuzz/fuzz_%.o,$(FUZZERS)) $(FUZZ_UTIL_OBJ)
+# The environment of every fuzz run: leaks fail (third-party leaks suppressed, each explained in
+# tests/fuzz/lsan-fuzz.supp), UBSan stops at the first report.
+FUZZ_ENV := ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 \
+            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/fuzz/lsan-fuzz.supp:print_suppressions=0 \
+            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 OMP_NUM_THREADS=1
+FUZZ_OPTS := -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
+
+$(FUZZ_BUILD)/%.o: %.c $(wildcard lib/*.h viz/*.h tests/fuzz/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_BUILD)/libnullmap-fuzz.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/tests/fuzz/fuzz_%.o $(FUZZ_UTIL_OBJ) $(FUZZ_BUILD)/libnullmap-fuzz.a
+	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -fopenmp -o $@ $< $(FUZZ_UTIL_OBJ) $(FUZZ_BUILD)/libnullmap-fuzz.a \
+	    $(PKG_LIBS) -ljpeg $(BLAS_LIBS) -lm
+
+fuzz: deps
+	@$(MAKE) --no-print-directory $(FUZZ_BINS)
+
+# Each harness in turn on a scratch copy of its corpus (new inputs go to build-fuzz/corpus/, the
+# committed corpus stays small); prints libFuzzer's final stats (execs, cov, ft, exec/s).
+fuzz-run: fuzz
+	@set -e; for f in $(FUZZERS); do \
+	    mkdir -p $(FUZZ_BUILD)/corpus/$$f $(FUZZ_BUILD)/artifacts/$$f; \
+	    echo "== fuzz_$$f: $(if $(FUZZ_RUNS),$(FUZZ_RUNS) runs,$(FUZZ_SECONDS) s)"; \
+	    $(FUZZ_ENV) $(FUZZ_BUILD)/fuzz_$$f $(FUZZ_OPTS) \
+	        $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS),-max_total_time=$(FUZZ_SECONDS)) \
+	        -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$f/ $$([ -f tests/fuzz/dict/$$f.dict ] && echo -dict=tests/fuzz/dict/$$f.dict) \
+	        $(FUZZ_BUILD)/corpus/$$f tests/fuzz/corpus/$$f >$(FUZZ_BUILD)/fuzz_$$f.log 2>&1 \
+	        || { tail -n 60 $(FUZZ_BUILD)/fuzz_$$f.log; echo "fuzz_$$f: FAILED (inputs in $(FUZZ_BUILD)/artifacts/$$f/)"; exit 1; }; \
+	    grep -E '^#[0-9]+[[:space:]]+DONE|^stat::' $(FUZZ_BUILD)/fuzz_$$f.log | tr '\n' ' '; echo; \
+	done
+
+# Every committed input once: the corpora and the regression inputs of past crashes.
+fuzz-regress: fuzz
+	@set -e; for f in $(FUZZERS); do \
+	    files=$$(find tests/fuzz/corpus/$$f tests/fuzz/crashes/$$f -type f 2>/dev/null | sort); \
+	    $(FUZZ_ENV) $(FUZZ_BUILD)/fuzz_$$f -runs=1 $$files >$(FUZZ_BUILD)/regress_$$f.log 2>&1 \
+	        || { tail -n 60 $(FUZZ_BUILD)/regress_$$f.log; echo "fuzz_$$f: regression input failed"; exit 1; }; \
+	    echo "fuzz_$$f: $$(echo $$files | wc -w) inputs ok"; \
+	done
+
 clean:
-	rm -rf build build-san out
+	rm -rf build build-san build-fuzz out

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 
 // Reads a required integer key; NM_OK or an error naming the key.
 static nm_status get_int(const json_t *obj, const char *objname, const char *key, int required, int dflt,
@@ -190,7 +191,7 @@ nm_status nm_config_load(nm_config *cfg, const char *path, nm_error *err) {
     char *buf;
     size_t n;
     memset(cfg, 0, sizeof *cfg);
-    nm_status st = nm_read_file(path, (size_t)1 << 20, &buf, &n, err);
+    nm_status st = nm_read_file(path, (size_t)nm_limit(NM_LIMIT_JSON_FILE_BYTES), &buf, &n, err);
     if (st != NM_OK) return st;
     if (strlen(buf) != n) st = nm_fail(err, NM_ERR_FORMAT, "%s: config contains a NUL byte", path);
     else st = nm_config_parse(cfg, buf, path, err);

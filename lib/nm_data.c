@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 #include "nm_rng.h"
 
 // ---------------------------------------------------------------------------------------------
@@ -1060,7 +1061,7 @@ static int is_dataset(const char *dir) {
     size_t n;
     nm_error e = {0};
     int ok = 0;
-    if (p && nm_read_file(p, 1 << 20, &text, &n, &e) == NM_OK) {
+    if (p && nm_read_file(p, (size_t)nm_limit(NM_LIMIT_JSON_FILE_BYTES), &text, &n, &e) == NM_OK) {
         json_t *j = json_loads(text, 0, NULL);
         const char *f = json_string_value(json_object_get(j, "format"));
         ok = f && !strcmp(f, "nullmap-data");
@@ -1397,6 +1398,35 @@ static const char *parse_record(json_t *j, const char *dir, nm_data_record *r, c
     return parse_truth(j, r, why, cap);
 }
 
+// Reads one line of f into *buf (NUL-terminated, the '\n' kept), growing *buf only up to
+// max + 2 bytes: a longer line stops being read there and *too_long is set, so a file without
+// newlines never makes the reader allocate more than the data_line_bytes limit. Returns the
+// number of bytes stored, or -1 at the end of the file.
+static ssize_t read_line_bounded(FILE *f, char **buf, size_t *cap, size_t max, int *too_long) {
+    size_t n = 0;
+    *too_long = 0;
+    int c = EOF;
+    while ((c = getc_unlocked(f)) != EOF) {
+        if (n + 2 > *cap) {
+            size_t nc = *cap ? *cap * 2 : 4096;
+            if (nc > max + 2) nc = max + 2;
+            char *p = nc > *cap ? realloc(*buf, nc) : NULL;
+            if (!p) return -2;
+            *buf = p;
+            *cap = nc;
+        }
+        (*buf)[n++] = (char)c;
+        if (c == '\n') break;
+        if (n > max) { // max + 1 bytes without the newline: too long
+            *too_long = 1;
+            break;
+        }
+    }
+    if (n == 0 && c == EOF) return -1;
+    (*buf)[n] = '\0';
+    return (ssize_t)n;
+}
+
 // "image_size" of DIR/info.json into *size; 0 when the file does not exist.
 static nm_status read_info_size(const char *dir, int *size, nm_error *err) {
     *size = 0;
@@ -1405,7 +1435,7 @@ static nm_status read_info_size(const char *dir, int *size, nm_error *err) {
     nm_status st = NM_OK;
     size_t n;
     if (!nm_path_exists(path)) goto done;
-    if ((st = nm_read_file(path, 1 << 20, &text, &n, err)) != NM_OK) goto done;
+    if ((st = nm_read_file(path, (size_t)nm_limit(NM_LIMIT_JSON_FILE_BYTES), &text, &n, err)) != NM_OK) goto done;
     json_error_t je;
     json_t *j = json_loadb(text, n, 0, &je);
     if (!j) {
@@ -1447,12 +1477,15 @@ nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_
         goto done;
     }
     if ((st = read_info_size(dir, &d->image_size, err)) != NM_OK) goto done;
-    while ((n = getline(&line, &cap, f)) >= 0) {
+    const size_t max_line = (size_t)nm_limit(NM_LIMIT_DATA_LINE_BYTES) + 2; // + "\r\n"
+    int too_long = 0;
+    while ((n = read_line_bounded(f, &line, &cap, max_line, &too_long)) >= 0) {
         lineno++;
         if (n > 0 && line[n - 1] == '\n') line[--n] = '\0';
         if (n > 0 && line[n - 1] == '\r') line[--n] = '\0';
-        if ((size_t)n > NM_DATA_MAX_LINE) {
-            st = nm_fail(err, NM_ERR_FORMAT, "%s:%ld: line longer than %d bytes", path, lineno, NM_DATA_MAX_LINE);
+        if (too_long || (uint64_t)n > nm_limit(NM_LIMIT_DATA_LINE_BYTES)) {
+            st = nm_limit_fail(err, NM_LIMIT_DATA_LINE_BYTES, "%s:%ld: a line of %s%zd bytes is", path, lineno,
+                               too_long ? "more than " : "", too_long ? (ssize_t)nm_limit(NM_LIMIT_DATA_LINE_BYTES) : n);
             goto done;
         }
         if (n == 0) {
@@ -1474,9 +1507,9 @@ nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_
             st = nm_fail(err, NM_ERR_FORMAT, "%s:%ld: bad JSON at column %d: %s", path, lineno, je.column, je.text);
             goto done;
         }
-        if (d->n == NM_DATA_MAX_SAMPLES) {
+        if ((uint64_t)d->n >= nm_limit(NM_LIMIT_DATA_RECORDS)) {
             json_decref(j);
-            st = nm_fail(err, NM_ERR_LIMIT, "%s: more than %d records", path, NM_DATA_MAX_SAMPLES);
+            st = nm_limit_fail(err, NM_LIMIT_DATA_RECORDS, "%s:%ld: record %d is", path, lineno, d->n + 1);
             goto done;
         }
         if ((size_t)d->n == rcap) {
@@ -1503,7 +1536,8 @@ nm_status nm_dataset_load(nm_dataset *d, const char *dir, const char *split, nm_
         }
         d->n++;
     }
-    if (ferror(f)) st = nm_fail(err, NM_ERR_IO, "cannot read %s: %s", path, strerror(errno));
+    if (n == -2) st = NM_NOMEM(err, "a line");
+    else if (ferror(f)) st = nm_fail(err, NM_ERR_IO, "cannot read %s: %s", path, strerror(errno));
 done:
     free(line);
     fclose(f);

@@ -55,8 +55,8 @@
 #define NM_DATA_TEXT_PERMILLE 200
 // Image backgrounds: a repeated texture with this probability, else one flat colour.
 #define NM_DATA_TEXTURE_PERMILLE 500
-// Reader limits.
-#define NM_DATA_MAX_LINE (1 << 20)
+// Reader limits: lines, records per split and info.json's size are checked against the
+// data_line_bytes, data_records and json_file_bytes limits (nm_limits.h).
 
 // The named object colours (answers of "colour" questions), well separated in RGB and from
 // every background tone.
@@ -100,7 +100,7 @@ typedef struct {
 
 // Loads DIR/<split>.jsonl (split "train" or "eval"). A malformed line (bad JSON, not an object,
 // a missing or mistyped field, an empty prompt/answer, invalid UTF-8, a line over
-// NM_DATA_MAX_LINE) fails with NM_ERR_FORMAT and a message "FILE:LINE: what is wrong".
+// the data_line_bytes limit) fails with NM_ERR_FORMAT and a message "FILE:LINE: what is wrong".
 // The optional fields are checked when present: "background" must be "flat" or "texture";
 // "objects" an array of objects, each with a non-empty string "kind", an optional string
 // "colour" and a "bbox" of 4 integers 0 <= x0 < x1 <= NM_DATA_MAX_COORD (likewise y).

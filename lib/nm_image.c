@@ -4,7 +4,7 @@
 //   * The format is detected from the file's signature (PNG magic, JPEG SOI FF D8 FF), never
 //     from its name. GIF, WebP, TIFF and BMP are recognised only to say they are unsupported.
 //   * The header is read first: a width or height of 0 is an error, and more than
-//     NM_IMAGE_MAX_PIXELS pixels is refused (NM_ERR_LIMIT) before any pixel buffer exists.
+//     the image_pixels limit (nm_limits.h) is refused (NM_ERR_LIMIT) before any pixel buffer exists.
 //   * Output is 8-bit RGB with the sample values as stored. Colour metadata (PNG gAMA/cHRM/
 //     sRGB/iCCP, JPEG ICC profiles) is ignored, as Pillow does by default.
 //   * PNG: palette and 1/2/4-bit grey are expanded, grey becomes R=G=B, 16-bit samples are
@@ -22,10 +22,11 @@
 //     picture; harmless warnings (extraneous bytes, unknown JFIF version) are ignored.
 //     Progressive files with more than JPEG_MAX_SCANS scans are refused (a known CPU bomb).
 //   * Neither library ever prints: their warning handlers record instead, and their error
-//     handlers longjmp back here. Files larger than NM_IMAGE_MAX_FILE_BYTES are refused.
+//     handlers longjmp back here. Files over the image_file_bytes limit are refused.
 #include "nm_image.h"
 
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 
 #include <inttypes.h>
 #include <math.h>
@@ -39,7 +40,6 @@
 #include <jerror.h>
 #include <png.h>
 
-#define NM_IMAGE_MAX_FILE_BYTES ((size_t)512 * 1024 * 1024)
 #define JPEG_MAX_SCANS 500
 
 // a * b into *out; 0 on overflow.
@@ -54,9 +54,8 @@ static nm_status check_dims(uint64_t w, uint64_t h, const char *name, nm_error *
     if (w == 0 || h == 0)
         return nm_fail(err, NM_ERR_FORMAT, "%s: zero-size image (%" PRIu64 "x%" PRIu64 " pixels)", name, w, h);
     // w, h < 2^32, so w * h cannot overflow 64 bits.
-    if (w * h > NM_IMAGE_MAX_PIXELS)
-        return nm_fail(err, NM_ERR_LIMIT, "%s: image is %" PRIu64 "x%" PRIu64 " pixels, over the limit of %zu pixels",
-                       name, w, h, NM_IMAGE_MAX_PIXELS);
+    if (w * h > nm_limit(NM_LIMIT_IMAGE_PIXELS))
+        return nm_limit_fail(err, NM_LIMIT_IMAGE_PIXELS, "%s: image is %" PRIu64 "x%" PRIu64 " pixels,", name, w, h);
     return NM_OK;
 }
 
@@ -121,7 +120,9 @@ static int png_run(png_ctx *c) {
     if (setjmp(png_jmpbuf(c->png))) return -1;
     png_set_read_fn(c->png, c, png_on_read);
     // Our pixel limit is the only size limit (libpng's default stops at 1,000,000 per side).
-    png_set_user_limits(c->png, (png_uint_32)NM_IMAGE_MAX_PIXELS, (png_uint_32)NM_IMAGE_MAX_PIXELS);
+    uint64_t side = nm_limit(NM_LIMIT_IMAGE_PIXELS);
+    if (side > PNG_UINT_31_MAX) side = PNG_UINT_31_MAX;
+    png_set_user_limits(c->png, (png_uint_32)side, (png_uint_32)side);
     png_read_info(c->png, c->info);
     c->w = png_get_image_width(c->png, c->info);
     c->h = png_get_image_height(c->png, c->info);
@@ -218,7 +219,7 @@ static nm_status decode_png(nm_image *img, const uint8_t *data, size_t size, con
             st = nm_fail(err, NM_ERR_FORMAT, "%s: corrupt PNG data (libpng: %s)", name, c.msg);
         goto out;
     }
-    size_t n = (size_t)c.w * c.h; // <= NM_IMAGE_MAX_PIXELS
+    size_t n = (size_t)c.w * c.h; // <= the image_pixels limit
     if (c.channels == 4) {
         composite_over_white(c.pix, n);
         uint8_t *shrunk = realloc(c.pix, n * 3); // giving back the alpha bytes; failure is harmless
@@ -454,7 +455,7 @@ nm_status nm_image_load(nm_image *img, const char *path, nm_error *err) {
     if (!path) return nm_fail(err, NM_ERR_INVALID, "image path is NULL");
     char *data;
     size_t size;
-    nm_status st = nm_read_file(path, NM_IMAGE_MAX_FILE_BYTES, &data, &size, err);
+    nm_status st = nm_read_file(path, (size_t)nm_limit(NM_LIMIT_IMAGE_FILE_BYTES), &data, &size, err);
     if (st != NM_OK) return st;
     st = nm_image_decode(img, (const uint8_t *)data, size, path, err);
     free(data);
@@ -592,17 +593,15 @@ nm_status nm_image_resize(nm_image *out, const nm_image *in, int out_w, int out_
     image_reset(out);
     if (!in || !in->rgb || in->width <= 0 || in->height <= 0)
         return nm_fail(err, NM_ERR_INVALID, "resize: the input image is empty");
-    if ((size_t)in->width * (size_t)in->height > NM_IMAGE_MAX_PIXELS)
-        return nm_fail(err, NM_ERR_LIMIT, "resize: input %dx%d is over the limit of %zu pixels", in->width, in->height,
-                       NM_IMAGE_MAX_PIXELS);
+    if ((uint64_t)in->width * (uint64_t)in->height > nm_limit(NM_LIMIT_IMAGE_PIXELS))
+        return nm_limit_fail(err, NM_LIMIT_IMAGE_PIXELS, "resize: input %dx%d is", in->width, in->height);
     if (out_w <= 0 || out_h <= 0)
         return nm_fail(err, NM_ERR_INVALID, "resize: cannot resize to %dx%d (sizes must be positive)", out_w, out_h);
-    if ((size_t)out_w * (size_t)out_h > NM_IMAGE_MAX_PIXELS)
-        return nm_fail(err, NM_ERR_LIMIT, "resize: output %dx%d is over the limit of %zu pixels", out_w, out_h,
-                       NM_IMAGE_MAX_PIXELS);
+    if ((uint64_t)out_w * (uint64_t)out_h > nm_limit(NM_LIMIT_IMAGE_PIXELS))
+        return nm_limit_fail(err, NM_LIMIT_IMAGE_PIXELS, "resize: output %dx%d is", out_w, out_h);
 
     size_t w_in = (size_t)in->width, h_in = (size_t)in->height, w_out = (size_t)out_w, h_out = (size_t)out_h;
-    size_t out_bytes = w_out * h_out * 3; // <= 3 * NM_IMAGE_MAX_PIXELS
+    size_t out_bytes = w_out * h_out * 3; // <= 3 * the image_pixels limit
     uint8_t *pix = malloc(out_bytes);
     if (!pix) return nm_fail(err, NM_ERR_NOMEM, "resize: out of memory allocating %zu bytes", out_bytes);
     if (w_out == w_in && h_out == h_in) {

@@ -7,9 +7,9 @@
 
 #include "nm_error.h"
 
-// Decoded images larger than this many pixels are refused before any pixel buffer is
-// allocated (the header is read first). 64 Mpx = 8192 x 8192.
-#define NM_IMAGE_MAX_PIXELS ((size_t)64 * 1024 * 1024)
+// Decoded images larger than nm_limit(NM_LIMIT_IMAGE_PIXELS) pixels (default 64 Mpx = 8192 x 8192)
+// are refused before any pixel buffer is allocated (the header is read first); image files
+// over nm_limit(NM_LIMIT_IMAGE_FILE_BYTES) are not read (nm_limits.h).
 
 typedef struct {
     int width, height;

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 #include "nm_rng.h"
 
 static void spec(nm_tensor_spec *s, int *n, float **dest, int init, float std, int ndim, int64_t a, int64_t b,
@@ -95,10 +96,10 @@ static nm_status model_alloc(nm_model *m, const nm_config *cfg, nm_tensor_spec *
     nm_model_tensor_specs(m, specs);
     size_t total = 0;
     for (int i = 0; i < n; i++) total += (specs[i].numel + 15) & ~(size_t)15; // 64-byte aligned tensors
-    if (total > NM_MAX_PARAMS) {
+    if (total > nm_limit(NM_LIMIT_MODEL_PARAMS)) {
         free(specs);
         nm_model_free(m);
-        return nm_fail(err, NM_ERR_LIMIT, "model has %zu parameters, over the limit of %zu", total, (size_t)NM_MAX_PARAMS);
+        return nm_limit_fail(err, NM_LIMIT_MODEL_PARAMS, "model has %zu parameters,", total);
     }
     m->arena = aligned_alloc(64, (total * sizeof(float) + 63) & ~(size_t)63);
     if (!m->arena) {

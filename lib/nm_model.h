@@ -12,8 +12,8 @@
 #include "nm_error.h"
 #include "nm_safetensors.h"
 
-// Models over this many float parameters (16 GiB) are refused before allocating.
-#define NM_MAX_PARAMS ((size_t)1 << 32)
+// Models over nm_limit(NM_LIMIT_MODEL_PARAMS) float parameters (nm_limits.h; default 2^32,
+// 16 GiB) are refused before allocating.
 
 typedef struct {
     float *router;  // (N+1, D)  row N is the null logit

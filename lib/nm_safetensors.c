@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 
 static const struct { const char *name; size_t size; } DTYPES[NM_DT_COUNT] = {
     [NM_DT_F32] = {"F32", 4}, [NM_DT_F16] = {"F16", 2}, [NM_DT_BF16] = {"BF16", 2}, [NM_DT_F64] = {"F64", 8},
@@ -97,9 +98,9 @@ nm_status nm_safetensors_parse(nm_safetensors *st, const uint8_t *buf, size_t si
     if (size < 8) return nm_fail(err, NM_ERR_FORMAT, "%s: too short for a safetensors file (%zu bytes)", name, size);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | buf[i];
-    if (hlen > NM_ST_MAX_HEADER)
-        return nm_fail(err, NM_ERR_LIMIT, "%s: header length %llu exceeds the limit of %llu bytes", name,
-                       (unsigned long long)hlen, (unsigned long long)NM_ST_MAX_HEADER);
+    if (hlen > nm_limit(NM_LIMIT_SAFETENSORS_HEADER_BYTES))
+        return nm_limit_fail(err, NM_LIMIT_SAFETENSORS_HEADER_BYTES, "%s: header length %llu is", name,
+                             (unsigned long long)hlen);
     if (hlen > size - 8)
         return nm_fail(err, NM_ERR_FORMAT, "%s: header length %llu runs past the end of the file (%zu bytes); truncated?",
                        name, (unsigned long long)hlen, size);
@@ -118,8 +119,8 @@ nm_status nm_safetensors_parse(nm_safetensors *st, const uint8_t *buf, size_t si
     st->data = buf + 8 + hlen;
     st->data_size = size - 8 - (size_t)hlen;
     size_t n = json_object_size(root);
-    if (n > NM_ST_MAX_TENSORS) {
-        s = nm_fail(err, NM_ERR_LIMIT, "%s: %zu header entries exceed the limit of %d", name, n, NM_ST_MAX_TENSORS);
+    if (n > nm_limit(NM_LIMIT_SAFETENSORS_TENSORS)) {
+        s = nm_limit_fail(err, NM_LIMIT_SAFETENSORS_TENSORS, "%s: %zu header entries are", name, n);
         goto out;
     }
     st->tensors = calloc(n ? n : 1, sizeof *st->tensors);

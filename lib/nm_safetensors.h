@@ -12,8 +12,8 @@
 
 #include "nm_error.h"
 
-#define NM_ST_MAX_HEADER ((uint64_t)100 * 1024 * 1024) // header JSON larger than this is refused
-#define NM_ST_MAX_TENSORS 1000000
+// Header lengths and entry counts are checked against the safetensors_header_bytes and
+// safetensors_tensors limits (nm_limits.h) before anything is allocated from them.
 #define NM_ST_MAX_NDIM 8
 
 typedef enum {

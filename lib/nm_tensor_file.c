@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 #include "nm_safetensors.h"
 #include "nm_tokenizer.h"
 
@@ -109,8 +110,9 @@ out:
 nm_status nm_tensor_file_write(const char *path, int n, const char *const *names, const int *ndims,
                                const int64_t *const *shapes, const float *const *data,
                                const char *metadata_json, nm_error *err) {
-    if (n < 0 || n > NM_ST_MAX_TENSORS)
-        return nm_fail(err, NM_ERR_INVALID, "%s: %d tensors (0 to %d allowed)", path, n, NM_ST_MAX_TENSORS);
+    if (n < 0 || (uint64_t)n > nm_limit(NM_LIMIT_SAFETENSORS_TENSORS))
+        return nm_fail(err, NM_ERR_INVALID, "%s: %d tensors (0 to %llu allowed)", path, n,
+                       (unsigned long long)nm_limit(NM_LIMIT_SAFETENSORS_TENSORS));
     if (n > 0 && (!names || !ndims)) return nm_fail(err, NM_ERR_INVALID, "%s: no tensor names or dimensions", path);
     nm_status s = NM_OK;
     entry *order = malloc((size_t)(n ? n : 1) * sizeof *order);

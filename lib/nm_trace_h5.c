@@ -13,6 +13,7 @@
 #include "nm_trace.h"
 
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 
 #include <hdf5.h>
 
@@ -36,8 +37,8 @@
 #define NM_TRACE_CREATED_BY "nullmap"
 #endif
 #define NM_TRACE_MAX_SAMPLES 1000000               // names are 6 digits: 000000 … 999999
-#define NM_TRACE_MAX_ELEMS ((uint64_t)1 << 31)      // L·T·K bound (as in nm_trace_sample_init)
-#define NM_TRACE_MAX_STRLEN ((size_t)1 << 24)       // fixed-length string element size bound
+// Reading: sample counts, L·T·K and string sizes are checked against the trace_samples,
+// trace_entries and trace_string_bytes limits (nm_limits.h).
 #define NM_TRACE_DEFLATE 4
 
 // ---------------------------------------------------------------------------------------------
@@ -272,8 +273,9 @@ static int get_attr_str(hid_t obj, const char *name, char **out, const char *whe
         if (p) H5free_memory(p);
     } else {
         size_t n = H5Tget_size(t);
-        if (n == 0 || n > NM_TRACE_MAX_STRLEN) {
-            nm_fail(err, NM_ERR_LIMIT, "%s: attribute '%s' has a string size of %zu bytes", where, name, n);
+        if (n == 0 || n > nm_limit(NM_LIMIT_TRACE_STRING_BYTES)) {
+            nm_limit_fail(err, NM_LIMIT_TRACE_STRING_BYTES, "%s: attribute '%s' has a string size of %zu bytes,", where,
+                          name, n);
             goto out;
         }
         char *buf = calloc(n + 1, 1);
@@ -484,10 +486,10 @@ static nm_status open_samples(hid_t fid, const char *path, hid_t *grp, int *coun
         close_id(grp);
         return h5_fail(err, NM_ERR_FORMAT, "%s: cannot read group /samples", path);
     }
-    if (gi.nlinks > (hsize_t)NM_TRACE_MAX_SAMPLES) {
+    if (gi.nlinks > (hsize_t)nm_limit(NM_LIMIT_TRACE_SAMPLES)) {
         close_id(grp);
-        return nm_fail(err, NM_ERR_LIMIT, "%s: /samples holds %llu entries (limit %d)", path,
-                       (unsigned long long)gi.nlinks, NM_TRACE_MAX_SAMPLES);
+        return nm_limit_fail(err, NM_LIMIT_TRACE_SAMPLES, "%s: /samples holds %llu entries,", path,
+                             (unsigned long long)gi.nlinks);
     }
     *count = (int)gi.nlinks;
     return NM_OK;
@@ -1262,9 +1264,10 @@ static nm_status read_text(const sample_ctx *x, hid_t d, nm_trace_sample *s, nm_
         H5Dvlen_reclaim(mt, sp, H5P_DEFAULT, vbuf);
     } else {
         size_t n = H5Tget_size(ft);
-        if (n == 0 || n > NM_TRACE_MAX_STRLEN || T > (SIZE_MAX / 2) / (n + 1) || T * (n + 1) > ((size_t)1 << 31)) {
-            rc = nm_fail(err, NM_ERR_LIMIT, "%s: /samples/%s/%s: strings of %zu bytes each are too large", x->path,
-                         x->sname, name, n);
+        if (n == 0 || n > nm_limit(NM_LIMIT_TRACE_STRING_BYTES) || T > (SIZE_MAX / 2) / (n + 1) ||
+            T * (n + 1) > ((size_t)1 << 31)) {
+            rc = nm_limit_fail(err, NM_LIMIT_TRACE_STRING_BYTES, "%s: /samples/%s/%s: %zu strings of %zu bytes each are",
+                               x->path, x->sname, name, T, n);
             goto out;
         }
         fbuf = malloc(T * (n + 1));
@@ -1418,9 +1421,9 @@ nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, 
         rc = nm_fail(err, NM_ERR_FORMAT, "%s: /samples/%s/tokens/id: the sample has no tokens", path, sname);
         goto out;
     }
-    if (T > INT_MAX || (uint64_t)L * (uint64_t)T * (uint64_t)K > NM_TRACE_MAX_ELEMS) {
-        rc = nm_fail(err, NM_ERR_LIMIT, "%s: /samples/%s: %lld layers x %lld tokens x %lld slots exceeds the limit of "
-                     "2^31 routing entries", path, sname, L, T, K);
+    if (T > INT_MAX || (uint64_t)L * (uint64_t)T * (uint64_t)K > nm_limit(NM_LIMIT_TRACE_ENTRIES)) {
+        rc = nm_limit_fail(err, NM_LIMIT_TRACE_ENTRIES, "%s: /samples/%s: %lld layers x %lld tokens x %lld slots are", path,
+                           sname, L, T, K);
         goto out;
     }
     long long d1[1] = {T}, dT2[2] = {T, 2}, dLT[2] = {L, T}, dLTK[3] = {L, T, K};

@@ -18,6 +18,7 @@
 
 #include "nm_data.h"
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 #include "nm_model.h"
 #include "nm_optim.h"
 #include "nm_rng.h"
@@ -122,7 +123,7 @@ nm_status nm_train_config_load(nm_config *mc, nm_train_config *tc, const char *p
     nm_train_config_defaults(tc);
     char *text = NULL;
     size_t size = 0;
-    nm_status s = nm_read_file(path, 1 << 20, &text, &size, err);
+    nm_status s = nm_read_file(path, (size_t)nm_limit(NM_LIMIT_JSON_FILE_BYTES), &text, &size, err);
     if (s == NM_OK && strlen(text) != size) s = nm_fail(err, NM_ERR_FORMAT, "%s: config contains a NUL byte", path);
     if (s == NM_OK) s = nm_config_parse(mc, text, path, err); // the model part, as nm_config_load reads it
     json_error_t je;
@@ -391,7 +392,7 @@ static nm_status load_checkpoint(trainer *tr, long step, nm_error *err) {
     }
     if (s == NM_OK) memcpy(tr->params.arena, m.arena, m.arena_len * sizeof(float));
     if (s == NM_OK) s = moments_io(tr, opt, 0, err);
-    if (s == NM_OK) s = nm_read_file(state, 1 << 20, &text, &size, err);
+    if (s == NM_OK) s = nm_read_file(state, (size_t)nm_limit(NM_LIMIT_JSON_FILE_BYTES), &text, &size, err);
     if (s == NM_OK) {
         json_error_t je;
         json_t *j = json_loadb(text, size, 0, &je), *st = j ? json_object_get(j, "step") : NULL,

@@ -8,6 +8,7 @@
 #include "nm_error.h"      // status codes and messages
 #include "nm_generate.h"   // image + prompt -> answer + complete trace
 #include "nm_image.h"      // PNG/JPEG decode, resize, normalise
+#include "nm_limits.h"     // input limits: defaults, ceilings, --set-limit / NULLMAP_LIMIT_*
 #include "nm_metrics.h"    // compute score, intensity, distributions, polarization
 #include "nm_model.h"      // model load/save/init, tensor table
 #include "nm_moe.h"        // the null-expert MoE layer and its router

@@ -254,6 +254,42 @@ else
     echo "# skip: /usr/bin/python3 with h5py and numpy not available — h5py checks skipped"
 fi
 
+# ---- input limits: --set-limit NAME=VALUE on any command, NULLMAP_LIMIT_<NAME> ----
+expect 0 "$NULLMAP" --list-limits
+contains "$LAST_OUT" image_pixels NULLMAP_LIMIT_IMAGE_PIXELS safetensors_header_bytes trace_entries data_line_bytes
+ok "--list-limits lists every limit with its variable"
+expect 1 "$NULLMAP" run --model model --image "$IMAGE" --prompt "x" --out lim_out --set-limit image_pixels=100
+contains "$LAST_ERR" "$(basename "$IMAGE")" "over the limit of 100 pixels" "--set-limit image_pixels=" NULLMAP_LIMIT_IMAGE_PIXELS
+[ ! -e lim_out ] || fail "a run refused for a limit left lim_out/"
+ok "run: an image over --set-limit image_pixels is refused (exit 1) naming the file, the limit and how to raise it"
+NULLMAP_LIMIT_IMAGE_PIXELS=100 expect 1 "$NULLMAP" run --model model --image "$IMAGE" --prompt "x" --out lim_out
+contains "$LAST_ERR" "over the limit of 100 pixels"
+NULLMAP_LIMIT_IMAGE_PIXELS=100 expect 0 "$NULLMAP" run --set-limit=image_pixels=64M --model model --image "$IMAGE" \
+    --prompt "x" --max-new-tokens 1 --out lim_out --no-render
+ok "NULLMAP_LIMIT_IMAGE_PIXELS lowers the limit; --set-limit raises it again (the option wins)"
+expect 0 "$NULLMAP" run --model model --image "$IMAGE" --prompt "x" --max-new-tokens 1 --out lim_out --force \
+    --no-render --set-limit image_pixels=2G
+expect 2 "$NULLMAP" run --model model --image "$IMAGE" --prompt "x" --out lim_out --force --set-limit image_pixels=3G
+contains "$LAST_ERR" "image_pixels" "1..2147483648"
+ok "a limit can be raised up to its ceiling; past it is a usage error (exit 2)"
+expect 2 "$NULLMAP" info model --set-limit no_such_limit=5
+contains "$LAST_ERR" "unknown limit 'no_such_limit'" image_pixels
+NULLMAP_LIMIT_TRACE_SAMPLES=many expect 2 "$NULLMAP" info batch.h5
+contains "$LAST_ERR" NULLMAP_LIMIT_TRACE_SAMPLES
+expect 2 "$NULLMAP" info batch.h5 --set-limit
+ok "an unknown limit, a malformed variable, a missing value: usage errors (exit 2)"
+expect 1 "$NULLMAP" info batch.h5 --set-limit trace_samples=1
+contains "$LAST_ERR" batch.h5 "over the limit of 1 samples" trace_samples
+expect 1 "$NULLMAP" report batch.h5 --out lim_report --set-limit trace_entries=10
+contains "$LAST_ERR" batch.h5 "over the limit of 10 routing entries" trace_entries
+[ ! -e lim_report ] || fail "a refused report left lim_report/"
+expect 1 "$NULLMAP" batch --model model --pairs pairs.tsv --out lim.h5 --set-limit pairs_file_bytes=5
+contains "$LAST_ERR" pairs.tsv "limit of 5"
+[ ! -e lim.h5 ] || fail "a refused batch left lim.h5"
+NULLMAP_LIMIT_SAFETENSORS_TENSORS=3 expect 1 "$NULLMAP" info model
+contains "$LAST_ERR" model.safetensors "over the limit of 3" safetensors_tensors
+ok "trace, pairs-list and safetensors limits refuse with exit 1 and name the file and the limit"
+
 # ---- render and report ----
 expect 0 "$NULLMAP" render out/trace.h5 --sample 0 --out again --format svg --cmap viridis --alpha 0.7
 for f in overlay/layer_00.svg overlay/mean.svg modality.svg layer_strip.svg; do

@@ -7,6 +7,7 @@
 
 #include "cli.h"
 #include "nm_fileutil.h"
+#include "nm_limits.h"
 #include "nm_generate.h"
 #include "nm_metrics.h"
 #include "nm_model.h"
@@ -63,7 +64,7 @@ static nm_status read_pairs(const char *path, pair **out, int *n_out, nm_error *
     size_t size;
     *out = NULL;
     *n_out = 0;
-    nm_status s = nm_read_file(path, (size_t)256 << 20, &text, &size, err);
+    nm_status s = nm_read_file(path, (size_t)nm_limit(NM_LIMIT_PAIRS_FILE_BYTES), &text, &size, err);
     if (s != NM_OK) return s;
     if (strlen(text) != size) {
         free(text);

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "nm_limits.h"
 #include "nm_viz.h"
 
 #ifndef NM_VERSION
@@ -31,6 +32,11 @@ static const char *USAGE =
     "\n"
     "  nullmap <command> --help   options of a command\n"
     "  nullmap --version          version and backends\n"
+    "  nullmap --list-limits      the input limits: current value, default, ceiling\n"
+    "\n"
+    "every command also takes --set-limit NAME=VALUE (repeatable; VALUE may end in K, M, G, T)\n"
+    "to change an input limit, as does the environment variable NULLMAP_LIMIT_<NAME>;\n"
+    "the option wins over the variable (README.md, \"Limits\")\n"
     "\n"
     "exit codes: 0 ok, 1 bad input (malformed/unsupported/over a limit), 2 usage error,\n"
     "            3 file missing/unreadable/unwritable, 4 out of memory or internal error,\n"
@@ -47,9 +53,57 @@ static void tame_openmp_spinning(char **argv) {
     execv("/proc/self/exe", argv); // returns only on failure: then run with the defaults
 }
 
+static void list_limits(void) {
+    printf("%-26s %14s %14s %14s  %s\n", "limit", "value", "default", "ceiling", "environment variable");
+    for (int i = 0; i < NM_LIMIT_COUNT; i++)
+        printf("%-26s %14llu %14llu %14llu  %s\n", nm_limit_name(i), (unsigned long long)nm_limit(i),
+               (unsigned long long)nm_limit_default(i), (unsigned long long)nm_limit_ceiling(i), nm_limit_env_name(i));
+}
+
+// Applies NULLMAP_LIMIT_* and then every --set-limit NAME=VALUE (or --set-limit=NAME=VALUE)
+// anywhere after the command name, removing those options from argv so that each command's
+// own option parser never sees them. Returns EXIT_OK or EXIT_USAGE (message printed).
+static int apply_limits(int *argc, char **argv) {
+    nm_error err;
+    nm_error_clear(&err);
+    if (nm_limits_from_env(&err) != NM_OK) {
+        fprintf(stderr, "nullmap: error: %s\n", err.msg);
+        return EXIT_USAGE;
+    }
+    int out = 1;
+    for (int i = 1; i < *argc; i++) {
+        const char *value = NULL;
+        if (!strcmp(argv[i], "--")) { // the rest are operands
+            while (i < *argc) argv[out++] = argv[i++];
+            break;
+        }
+        if (!strcmp(argv[i], "--set-limit")) {
+            if (i + 1 >= *argc) {
+                fprintf(stderr, "nullmap: error: --set-limit needs NAME=VALUE\n");
+                return EXIT_USAGE;
+            }
+            value = argv[++i];
+        } else if (!strncmp(argv[i], "--set-limit=", 12)) {
+            value = argv[i] + 12;
+        } else {
+            argv[out++] = argv[i];
+            continue;
+        }
+        if (nm_limit_set_from_string(value, &err) != NM_OK) {
+            fprintf(stderr, "nullmap: error: --set-limit: %s\n", err.msg);
+            return EXIT_USAGE;
+        }
+    }
+    argv[out] = NULL;
+    *argc = out;
+    return EXIT_OK;
+}
+
 int main(int argc, char **argv) {
     tame_openmp_spinning(argv);
     atexit(nm_viz_release_static); // leak checkers then see no font caches left
+    int rc = apply_limits(&argc, argv);
+    if (rc != EXIT_OK) return rc;
     if (argc < 2) {
         fputs(USAGE, stderr);
         return EXIT_USAGE;
@@ -57,6 +111,10 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
         fputs(USAGE, stdout);
+        return EXIT_OK;
+    }
+    if (!strcmp(cmd, "--list-limits")) {
+        list_limits();
         return EXIT_OK;
     }
     if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {
