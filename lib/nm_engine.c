@@ -192,13 +192,13 @@ nm_status nm_engine_forward(nm_engine *e, const int32_t *ids, const int32_t *pat
     nm_backend *b = e->b;
     const int host = o->host_memory, pos0 = e->pos;
     const float eps = (float)c->rms_norm_eps;
-    if ((s = o->embed(b, e->x, e->w, ids, patch_idx, pixels, T, err)) != NM_OK) return s;
+    if ((s = o->embed(b, e->x, e->w, ids, patch_idx, pixels, T, err)) != NM_OK) goto fail;
     for (int l = 0; l < L; l++) {
         const nm_layer_weights *w = &e->w->layers[l];
         if ((s = o->rmsnorm(b, e->xn, e->x, w->attn_norm, T, D, eps, err)) != NM_OK ||
             (s = attention_block(e, l, T, pos0, err)) != NM_OK ||
             (s = o->rmsnorm(b, e->xn, e->x, w->moe_norm, T, D, eps, err)) != NM_OK)
-            return s;
+            goto fail;
         // Routing records: on a host-memory backend straight into the trace (when kept) at this
         // layer's rows; otherwise into the engine's backend buffers, then copied out (async).
         nm_routing in_trace, in_backend, *rp = NULL;
@@ -209,20 +209,24 @@ nm_status nm_engine_forward(nm_engine *e, const int32_t *ids, const int32_t *pat
             in_backend = host ? in_trace : routing_view(&e->route, l, e->cap, 0, K);
             rp = &in_backend;
         }
-        if ((s = o->moe(b, e->moe_out, e->xn, &w->moe, &c->moe, T, D, rp, err)) != NM_OK) return s;
-        if (trace && !host && (s = o->routing_to_host(b, &in_trace, &in_backend, T, K, err)) != NM_OK) return s;
-        if ((s = o->add(b, e->x, e->moe_out, (size_t)T * D, err)) != NM_OK) return s; // residual
+        if ((s = o->moe(b, e->moe_out, e->xn, &w->moe, &c->moe, T, D, rp, err)) != NM_OK) goto fail;
+        if (trace && !host && (s = o->routing_to_host(b, &in_trace, &in_backend, T, K, err)) != NM_OK) goto fail;
+        if ((s = o->add(b, e->x, e->moe_out, (size_t)T * D, err)) != NM_OK) goto fail; // residual
     }
     if (logits) {
         const int first = all_logits ? 0 : T - 1, n = all_logits ? T : 1;
         float *dst = host ? logits : e->logits;
         if ((s = o->rmsnorm(b, e->norm_last, e->x + (size_t)first * D, e->w->norm, n, D, eps, err)) != NM_OK ||
             (s = o->linear(b, dst, e->norm_last, e->w->lm_head, n, D, V, 0.0f, err)) != NM_OK)
-            return s;
-        if (!host && (s = o->to_host(b, logits, dst, (size_t)n * V * sizeof(float), err)) != NM_OK) return s;
+            goto fail;
+        if (!host && (s = o->to_host(b, logits, dst, (size_t)n * V * sizeof(float), err)) != NM_OK) goto fail;
     }
     if ((s = o->finish(b, err)) != NM_OK) return s;
     e->pos += T;
     if (trace && trace->n_tokens < e->pos) trace->n_tokens = e->pos;
     return NM_OK;
+fail:
+    // Let queued routing copies land now, while the trace they write into still exists.
+    o->finish(b, NULL);
+    return s;
 }
