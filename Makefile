@@ -5,13 +5,16 @@
 #   make test SAN=1    the same under AddressSanitizer + UBSan (separate build dir build-san/)
 #   make valgrind      a full `nullmap run` under valgrind, failing on any leak or error
 #   make demo          install, build, run the shipped trained model on a held-out sample image
-#   make bench         speed benchmarks (ratios measured side by side in one run)
+#   make bench         speed benchmarks (ratios measured side by side in one run; the GPU part
+#                      runs only where a CUDA device is present)
+#   make sandbox       the CUDA kernel sandbox (build/sandbox: each kernel against the CPU reference)
 #   make install PREFIX=/usr/local
 #   make fuzz          libFuzzer harnesses (clang; tests/fuzz/, separate build dir build-fuzz/)
 #   make fuzz-run      run each harness on its corpus: FUZZ_SECONDS=N each, or FUZZ_RUNS=N inputs
 #   make fuzz-regress  replay every corpus file and every tests/fuzz/crashes/* input once (CI)
 #
-# Variables: SAN=1, OPT=-O2, PREFIX=/usr/local, NVCC=auto (path to nvcc or "none").
+# Variables: SAN=1, OPT=-O2, PREFIX=/usr/local, NVCC=auto (path to nvcc or "none"),
+#            CUDA_ARCH (nvcc -gencode flags; default: sm_80 and sm_90 code + compute_90 PTX).
 
 SAN ?= 0
 OPT ?= -O2
@@ -43,11 +46,35 @@ CFLAGS_ALL += -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-
 LDLIBS_ALL += -fsanitize=address,undefined
 endif
 
-# CUDA: detected, built when present (the GPU backend arrives with issue 5; kernels/ holds it).
+# CUDA: the GPU backend (kernels/*.cu) is built whenever nvcc is found; NVCC=none turns it off.
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+ifeq ($(NVCC),none)
+override NVCC :=
+endif
+CU_SRC := $(filter-out kernels/sandbox.cu,$(wildcard kernels/*.cu))
+ifneq ($(NVCC),)
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
+CUDA_LIBDIR := $(patsubst %/,%,$(dir $(firstword $(wildcard $(CUDA_HOME)/lib64/libcudart.so \
+                   $(CUDA_HOME)/targets/x86_64-linux/lib/libcudart.so))))
+ifeq ($(CUDA_LIBDIR),)
+$(error nvcc found at $(NVCC) but no libcudart.so under $(CUDA_HOME)/lib64 or targets/x86_64-linux/lib; set NVCC=none)
+endif
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+             -gencode arch=compute_90,code=compute_90
+NVCC_FLAGS := -std=c++17 $(OPT) -g $(CUDA_ARCH) -Werror all-warnings \
+              -Xcompiler -Wall,-Wextra,-Werror,-Wno-unused-parameter,-fPIC -Ilib -Ikernels
+CUDA_LIBS := -L$(CUDA_LIBDIR) -lcublas -lcudart -Wl,-rpath,$(CUDA_LIBDIR) -lstdc++
+CU_OBJ := $(patsubst %.cu,$(BUILD)/%.o,$(CU_SRC))
+CFLAGS_ALL += -DNM_HAVE_CUDA=1 -Ikernels
+LDLIBS_ALL += $(CUDA_LIBS)
+CUDA_STATE := on
+else
+CU_OBJ :=
+CUDA_STATE := off
+endif
 
 LIB_SRC := $(wildcard lib/*.c) $(wildcard viz/*.c)
-LIB_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(LIB_SRC))
+LIB_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(LIB_SRC)) $(CU_OBJ)
 TOOL_SRC := $(wildcard tools/*.c)
 TOOL_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(TOOL_SRC))
 TEST_SRC := $(wildcard tests/test_*.c) tests/check_main.c tests/test_util.c
@@ -57,23 +84,33 @@ BENCH_SRC := $(wildcard tests/bench/*.c)
 VERSION := 0.1.0
 NULLMAP := $(BUILD)/nullmap
 
-.PHONY: all deps test valgrind demo bench install clean fixtures fuzz fuzz-run fuzz-regress
-
-CU_SRC := $(wildcard kernels/*.cu)
+.PHONY: all deps test valgrind demo bench install clean fixtures sandbox fuzz fuzz-run fuzz-regress
 
 all: $(NULLMAP) $(BUILD)/libnullmap.a $(BUILD)/libnullmap.so
 ifeq ($(NVCC),)
-	@echo "nullmap: nvcc not found: CPU backend only (set NVCC=/path/to/nvcc to build the CUDA backend)"
-else ifeq ($(CU_SRC),)
-	@echo "nullmap: nvcc found at $(NVCC); no CUDA kernels in kernels/ yet: CPU backend only"
+	@echo "nullmap: nvcc not found (or NVCC=none): CPU backend only (set NVCC=/path/to/nvcc to build the CUDA backend)"
+else
+	@echo "nullmap: CUDA backend built with $(NVCC) (libraries in $(CUDA_LIBDIR))"
 endif
 
 deps:
 	@tools/install-deps.sh
 
-$(BUILD)/%.o: %.c $(wildcard lib/*.h viz/*.h tests/*.h)
+$(BUILD)/%.o: %.c $(wildcard lib/*.h viz/*.h tests/*.h kernels/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -DNM_VERSION='"$(VERSION)"' -c $< -o $@
+
+$(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh kernels/*.h lib/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
+
+# The registry (nm_backend.c) is compiled with or without the CUDA backend: a stamp file per
+# state rebuilds it when NVCC changes between builds in one build directory.
+$(BUILD)/lib/nm_backend.o: $(BUILD)/.cuda-$(CUDA_STATE)
+$(BUILD)/.cuda-$(CUDA_STATE):
+	@mkdir -p $(BUILD)
+	@rm -f $(BUILD)/.cuda-*
+	@touch $@
 
 $(BUILD)/libnullmap.a: $(LIB_OBJ)
 	@rm -f $@
@@ -141,6 +178,26 @@ bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_moe
 	$(BENCH_ENV) $(BUILD)/bench_moe $(BENCH_ARGS)
 	$(BENCH_ENV) NULLMAP=$(NULLMAP) tests/bench/bench_render.sh
+ifeq ($(NVCC),)
+	@echo "bench: GPU part skipped: the CUDA backend is not built (nvcc not found or NVCC=none)"
+else
+	@$(MAKE) --no-print-directory sandbox
+	@rc=0; $(BUILD)/sandbox --bench || rc=$$?; \
+	 if [ $$rc -eq 77 ]; then echo "bench: GPU part skipped: no CUDA device"; \
+	 elif [ $$rc -ne 0 ]; then exit $$rc; fi
+endif
+
+# The CUDA kernel sandbox (kernels/sandbox.cu): each kernel against the CPU reference at
+# several sizes, with time and GB/s or TFLOP/s; --bench adds the paper-scale MoE layer. Exits 77
+# (skip) where no CUDA device is present.
+ifneq ($(NVCC),)
+sandbox: $(BUILD)/sandbox
+$(BUILD)/sandbox: $(BUILD)/kernels/sandbox.o $(BUILD)/libnullmap.a
+	$(CC) -o $@ $< $(BUILD)/libnullmap.a $(LDLIBS_ALL)
+else
+sandbox:
+	@echo "sandbox: needs nvcc (the CUDA backend is not built)"; exit 1
+endif
 
 $(BUILD)/bench_moe: $(BENCH_SRC) $(BUILD)/libnullmap.a
 	$(CC) $(CFLAGS_ALL) -o $@ $(BENCH_SRC) $(BUILD)/libnullmap.a $(LDLIBS_ALL)
@@ -159,7 +216,7 @@ install: all
 	install -m 644 $(BUILD)/libnullmap.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 755 $(BUILD)/libnullmap.so $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 $(filter-out lib/nm_simd.h lib/nm_ops_generic.h lib/nm_moe_generic.h lib/nm_train_model_generic.h,$(wildcard lib/*.h)) $(wildcard viz/*.h) $(DESTDIR)$(PREFIX)/include/nullmap/
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_DIR@|$(BLAS_DIR)|' \
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@BLAS_DIR@|$(BLAS_DIR)|' -e 's|@CUDA_LIBS@|$(CUDA_LIBS)|' \
 	    lib/nullmap.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/nullmap.pc
 
 # ---- fuzzing (tests/fuzz/README.md) ----

@@ -16,6 +16,12 @@ int nm_argmax(const float *x, int n) {
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
+// An engine made with options a serves a request asking for b.
+static int same_backend(const nm_engine_options *a, const nm_engine_options *b) {
+    const char *da = a->device ? a->device : "cpu", *db = b->device ? b->device : "cpu";
+    return !strcmp(da, db) && a->bf16 == b->bf16 && a->expert_gemm == b->expert_gemm;
+}
+
 // Copies the sequence's token table (ids, display text, modality, segment, patch) into the trace.
 static nm_status fill_tokens(nm_trace_sample *tr, const nm_config *cfg, const nm_sequence *seq, nm_error *err) {
     const int g = nm_config_grid(cfg);
@@ -63,13 +69,13 @@ nm_status nm_generate(const nm_model *m, nm_engine **engine, const nm_request *r
     trace->grid_rows = trace->grid_cols = req->image_path ? nm_config_grid(cfg) : 0;
     trace->n_prompt_tokens = seq.n;
 
-    if (!*engine || nm_engine_capacity(*engine) < seq.cap) {
+    if (!*engine || nm_engine_capacity(*engine) < seq.cap || !same_backend(nm_engine_get_options(*engine), &req->engine)) {
         // Size the cache for this sequence, at least 1024 tokens (capped by max_positions) so
         // that a batch of similar samples reuses one engine and its warm buffers.
         int want = seq.cap > 1024 ? seq.cap : (cfg->max_positions < 1024 ? cfg->max_positions : 1024);
         nm_engine_free(*engine);
         *engine = NULL;
-        if ((s = nm_engine_create(engine, m, want, err)) != NM_OK) goto out;
+        if ((s = nm_engine_create_on(engine, m, want, &req->engine, err)) != NM_OK) goto out;
     }
     nm_engine_reset(*engine);
     logits = malloc((size_t)cfg->vocab_size * sizeof(float));

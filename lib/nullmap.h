@@ -4,7 +4,8 @@
 #define NULLMAP_H
 
 #include "nm_config.h"     // config.json: parse, validate, write
-#include "nm_engine.h"     // the CPU forward engine (KV cache, prefill, decode, tracing)
+#include "nm_backend.h"    // compute backends (cpu, cuda): the table of ops the engine drives
+#include "nm_engine.h"     // the forward engine (KV cache, prefill, decode, tracing) on a backend
 #include "nm_error.h"      // status codes and messages
 #include "nm_generate.h"   // image + prompt -> answer + complete trace
 #include "nm_image.h"      // PNG/JPEG decode, resize, normalise

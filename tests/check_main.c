@@ -33,5 +33,6 @@ int main(void) {
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
+    nm_test_print_skips(); // after Check's own summary, so it is not missed
     return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

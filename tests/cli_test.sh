@@ -162,6 +162,34 @@ expect 0 "$NULLMAP" run --model model --prompt "quiet please" --max-new-tokens 2
 [ -s "$LAST_OUT" ] || fail "--quiet printed nothing"
 grep -qE '^(model|prompt|answer|tokens|trace) ' "$LAST_OUT" && fail "--quiet printed more than the answer"
 ok "run --quiet prints only the answer"
+# ---- compute devices: --device cpu|cuda, --precision; --version lists the backends ----
+expect 0 "$NULLMAP" --version
+contains "$LAST_OUT" "backends: cpu"
+HAVE_GPU=0
+if grep -q "cuda (built with CUDA" "$LAST_OUT" && ! grep -q "no device:" "$LAST_OUT"; then HAVE_GPU=1; fi
+ok "--version lists the backends: $(sed -n 's/^backends: //p' "$LAST_OUT")"
+expect 0 "$NULLMAP" run --model model --image "$IMAGE" --prompt "device" --max-new-tokens 2 --out dev_cpu --no-render --device cpu
+[ -s dev_cpu/trace.h5 ] || fail "run --device cpu wrote no trace"
+ok "run --device cpu"
+if [ "$HAVE_GPU" = 1 ]; then
+    expect 0 "$NULLMAP" run --model model --image "$IMAGE" --prompt "device" --max-new-tokens 2 --out dev_cuda --no-render --device cuda
+    [ "$(n_samples dev_cuda/trace.h5)" = 1 ] || fail "run --device cuda: no readable trace"
+    ok "run --device cuda (a CUDA device is present)"
+else
+    expect 1 "$NULLMAP" run --model model --image "$IMAGE" --prompt "device" --max-new-tokens 2 --out dev_cuda --device cuda
+    grep -qE "run: error: --device cuda: (no CUDA device found: |CUDA backend not built)" "$LAST_ERR" ||
+        fail "run --device cuda without a device: unclear message: $(cat "$LAST_ERR")"
+    [ -e dev_cuda ] && fail "run --device cuda without a device left dev_cuda/ behind"
+    printf -- '-\tx\n' >dev_pairs.tsv
+    expect 1 "$NULLMAP" batch --model model --pairs dev_pairs.tsv --out dev.h5 --device cuda
+    contains "$LAST_ERR" "--device cuda"
+    [ -e dev.h5 ] && fail "batch --device cuda without a device wrote dev.h5"
+    ok "--device cuda without a CUDA device: one clear error line, exit 1, nothing written"
+fi
+expect 2 "$NULLMAP" run --model model --prompt "x" --device tpu --out dev_bad
+expect 2 "$NULLMAP" run --model model --prompt "x" --device cpu --precision bf16 --out dev_bad
+contains "$LAST_ERR" "--precision bf16 needs the cuda device"
+ok "--device tpu and --precision bf16 on the CPU are usage errors (exit 2)"
 cp out/trace.h5 kept.h5
 expect 3 "$NULLMAP" run --model model --prompt "again" --max-new-tokens 1 --out out
 cmp -s out/trace.h5 kept.h5 || fail "a refused run changed the trace"

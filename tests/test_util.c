@@ -82,3 +82,28 @@ double nm_test_rng_normal(nm_test_rng *r) {
 void nm_test_fill_normal(nm_test_rng *r, float *x, size_t n, float std) {
     for (size_t i = 0; i < n; i++) x[i] = (float)(std * nm_test_rng_normal(r));
 }
+
+static struct {
+    char line[600];
+    int n;
+} skips[16];
+static int n_skips = 0;
+
+void nm_test_skip(const char *what, int n, const char *reason) {
+    if (n_skips == (int)(sizeof skips / sizeof skips[0])) return;
+    snprintf(skips[n_skips].line, sizeof skips[0].line, "SKIPPED: %s: %s (%d cases, not run, not counted as passed)",
+             what, reason, n);
+    skips[n_skips].n = n;
+    printf("%s\n", skips[n_skips].line);
+    fflush(stdout);
+    n_skips++;
+}
+
+int nm_test_print_skips(void) {
+    int total = 0;
+    for (int i = 0; i < n_skips; i++) {
+        printf("%s\n", skips[i].line);
+        total += skips[i].n;
+    }
+    return total;
+}

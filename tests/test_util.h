@@ -33,6 +33,13 @@ char *nm_test_read_file(const char *path, size_t *size);
 // Writes bytes to a file; returns 0 on success.
 int nm_test_write_file(const char *path, const void *data, size_t size);
 
+// Records that n test cases of `what` were not run, with the reason: printed at once as
+// "SKIPPED: what: reason (n cases)" and again at the end of the run (check_main), never counted
+// as passed (Check itself has no skipped state).
+void nm_test_skip(const char *what, int n, const char *reason);
+// Prints the skip lines recorded so far; returns how many cases were skipped.
+int nm_test_print_skips(void);
+
 // Deterministic random numbers for tests (seeded per test; fresh, non-zero inputs).
 typedef struct { uint64_t s; } nm_test_rng;
 uint64_t nm_test_rng_next(nm_test_rng *r);

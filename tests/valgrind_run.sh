@@ -82,6 +82,10 @@ vg 1 run-truncated-png run --model model --image cut.png --prompt "x" --max-new-
 printf 'img.png\tok\nbad.png\tbroken\n' >bad_pairs.tsv
 vg 1 batch-bad-image batch --model model --pairs bad_pairs.tsv --out bad.h5 --max-new-tokens 1
 vg 0 batch-skip-bad batch --model model --pairs bad_pairs.tsv --out skip.h5 --max-new-tokens 1 --skip-bad --force
+# The CUDA registry's failure path (no device, or the backend not built): a clear error, all freed.
+if "$NULLMAP" --version | grep -qE "no device:|cuda not built"; then
+    vg 1 run-device-cuda-missing run --model model --prompt "x" --max-new-tokens 1 --out out-cuda --device cuda
+fi
 mkdir -p notrace
 printf 'not a trace\n' >notrace/trace.h5
 vg 1 run-append-non-hdf5 run --model model --prompt "x" --out notrace --append --max-new-tokens 1

@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 
+#include "nm_engine.h"
 #include "nm_error.h"
 #include "nm_metrics.h"
 #include "nm_render.h"
@@ -50,6 +51,18 @@ void cli_print_summary(const nm_metrics *m, FILE *out);
 // picture option).
 extern const char *CLI_RENDER_HELP;
 int cli_render_option(const char *cmd, const char *name, const char *value, nm_render_opts *o);
+
+// Device options shared by run and batch (--device, --precision): help text, a parser for one
+// option (name without the dashes; returns EXIT_OK, EXIT_USAGE with the message printed, or -1
+// for another option), and the resolution into engine options: the default device when none was
+// given, and a clear error (non-zero exit code returned) when the one asked for is unavailable.
+typedef struct {
+    const char *device; // NULL: the default
+    int bf16;
+} cli_device;
+extern const char *CLI_DEVICE_HELP;
+int cli_device_option(const char *cmd, const char *name, const char *value, cli_device *d);
+int cli_device_resolve(const char *cmd, const cli_device *d, nm_engine_options *out);
 
 int cmd_render(int argc, char **argv);
 int cmd_run(int argc, char **argv);

@@ -29,6 +29,7 @@ static const char *HELP =
     "  --append               add the samples to an existing trace\n"
     "  --force                replace an existing trace\n"
     "  --skip-bad             report a bad pair and go on (default: stop, write nothing)\n"
+    "%s"
     "\n"
     "The trace is written beside OUT and renamed over it when the batch ends, so an interrupted\n"
     "batch leaves an existing OUT as it was.\n";
@@ -125,11 +126,14 @@ int cmd_batch(int argc, char **argv) {
     int max_new = 16, append = 0, force = 0, skip_bad = 0;
     static const struct option opts[] = {{"model", 1, 0, 'm'},          {"pairs", 1, 0, 'p'},   {"out", 1, 0, 'o'},
                                          {"max-new-tokens", 1, 0, 'n'}, {"append", 0, 0, 'a'},  {"force", 0, 0, 'f'},
-                                         {"skip-bad", 0, 0, 's'},       {"help", 0, 0, 'h'},    {0, 0, 0, 0}};
+                                         {"skip-bad", 0, 0, 's'},       {"help", 0, 0, 'h'},    {"device", 1, 0, 'D'},
+                                         {"precision", 1, 0, 'D'},      {0, 0, 0, 0}};
+    cli_device dev = {0};
+    int li;
     optind = 1;
     opterr = 0;
     int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "h", opts, &li)) != -1) {
         switch (c) {
         case 'm': model_dir = optarg; break;
         case 'p': pairs_path = optarg; break;
@@ -141,13 +145,21 @@ int cmd_batch(int argc, char **argv) {
         case 'a': append = 1; break;
         case 'f': force = 1; break;
         case 's': skip_bad = 1; break;
-        case 'h': fputs(HELP, stdout); return EXIT_OK;
+        case 'D': {
+            int rr = cli_device_option("batch", opts[li].name, optarg, &dev);
+            if (rr != EXIT_OK) return rr;
+            break;
+        }
+        case 'h': printf(HELP, CLI_DEVICE_HELP); return EXIT_OK;
         default: return cli_usage_error("batch", "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
     if (optind < argc) return cli_usage_error("batch", "unexpected argument '%s'", argv[optind]);
     if (!model_dir || !pairs_path || !out) return cli_usage_error("batch", "--model, --pairs and --out are required");
     if (append && force) return cli_usage_error("batch", "--append and --force exclude each other");
+    nm_engine_options engine_opts;
+    int drc = cli_device_resolve("batch", &dev, &engine_opts);
+    if (drc != EXIT_OK) return drc;
 
     nm_error err = {0};
     nm_model model = {0};
@@ -165,7 +177,8 @@ int cmd_batch(int argc, char **argv) {
     cli_progress_start(&prog, n_pairs, "samples");
     for (int i = 0; i < n_pairs; i++) {
         nm_trace_sample sample;
-        nm_request req = {.prompt = pairs[i].prompt, .image_path = pairs[i].image, .max_new_tokens = max_new};
+        nm_request req = {.prompt = pairs[i].prompt, .image_path = pairs[i].image, .max_new_tokens = max_new,
+                          .engine = engine_opts};
         int index;
         s = nm_generate(&model, &engine, &req, &sample, &err);
         if (s == NM_OK) s = nm_trace_file_write_sample(tf, &sample, &index, &err);

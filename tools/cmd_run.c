@@ -34,6 +34,7 @@ static const char *HELP =
     "  --quiet                print only the answer\n"
     "  --no-render            write the trace only: no pictures, no report\n"
     "%s"
+    "%s"
     "\n"
     "An existing trace is never modified in place: the new file is written beside it and renamed\n"
     "over it only when complete, so an interrupted run leaves the old trace intact.\n";
@@ -44,7 +45,9 @@ int cmd_run(int argc, char **argv) {
     static const struct option opts[] = {
         {"model", 1, 0, 'm'}, {"prompt", 1, 0, 'p'}, {"image", 1, 0, 'i'}, {"out", 1, 0, 'o'},  {"max-new-tokens", 1, 0, 'n'},
         {"append", 0, 0, 'a'}, {"force", 0, 0, 'f'}, {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'}, {"no-render", 0, 0, 'N'},
-        {"format", 1, 0, 'R'}, {"cmap", 1, 0, 'R'}, {"alpha", 1, 0, 'R'}, {"width", 1, 0, 'R'}, {0, 0, 0, 0}};
+        {"format", 1, 0, 'R'}, {"cmap", 1, 0, 'R'}, {"alpha", 1, 0, 'R'}, {"width", 1, 0, 'R'},
+        {"device", 1, 0, 'D'}, {"precision", 1, 0, 'D'}, {0, 0, 0, 0}};
+    cli_device dev = {0};
     int render = 1, li;
     nm_render_opts ro;
     nm_render_opts_default(&ro);
@@ -70,13 +73,21 @@ int cmd_run(int argc, char **argv) {
             if (rr != EXIT_OK) return rr;
             break;
         }
-        case 'h': printf(HELP, CLI_RENDER_HELP); return EXIT_OK;
+        case 'D': {
+            int rr = cli_device_option("run", opts[li].name, optarg, &dev);
+            if (rr != EXIT_OK) return rr;
+            break;
+        }
+        case 'h': printf(HELP, CLI_RENDER_HELP, CLI_DEVICE_HELP); return EXIT_OK;
         default: return cli_usage_error("run", "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
     if (optind < argc) return cli_usage_error("run", "unexpected argument '%s'", argv[optind]);
     if (!model_dir || !prompt) return cli_usage_error("run", "--model and --prompt are required");
     if (append && force) return cli_usage_error("run", "--append and --force exclude each other");
+    nm_engine_options engine_opts;
+    int drc = cli_device_resolve("run", &dev, &engine_opts);
+    if (drc != EXIT_OK) return drc;
 
     nm_error err = {0};
     nm_model model = {0};
@@ -99,7 +110,7 @@ int cmd_run(int argc, char **argv) {
     created_top = nm_first_missing_dir(out);
     if ((s = nm_mkdir_p(out, &err)) != NM_OK) goto fail;
     if ((s = nm_trace_file_open(&tf, trace_path, &model.cfg, model_dir, append, force, &err)) != NM_OK) goto fail;
-    nm_request req = {.prompt = prompt, .image_path = image, .max_new_tokens = max_new};
+    nm_request req = {.prompt = prompt, .image_path = image, .max_new_tokens = max_new, .engine = engine_opts};
     if ((s = nm_generate(&model, &engine, &req, &sample, &err)) != NM_OK) goto fail;
     if ((s = nm_trace_file_write_sample(tf, &sample, &index, &err)) != NM_OK) goto fail;
     if ((s = nm_trace_file_commit(tf, &err)) != NM_OK) {

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "nm_backend.h"
 #include "nm_limits.h"
 #include "nm_viz.h"
 
@@ -118,7 +119,9 @@ int main(int argc, char **argv) {
         return EXIT_OK;
     }
     if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {
-        printf("nullmap %s\nbackends: cpu (OpenBLAS)\n", NM_VERSION);
+        char backends[512];
+        nm_backend_describe(backends, sizeof backends);
+        printf("nullmap %s\nbackends: %s\n", NM_VERSION, backends);
         return EXIT_OK;
     }
     if (!strcmp(cmd, "run")) return cmd_run(argc - 1, argv + 1);
