@@ -67,6 +67,9 @@ typedef struct {
 #define NM_DATA_N_COLOURS 6
 extern const nm_data_colour nm_data_colours[NM_DATA_N_COLOURS];
 
+// The colour name recorded for words: they are printed in near-black ink (25, 25, 25).
+#define NM_DATA_WORD_INK "black"
+
 // Background kind of an image record ("background"); UNKNOWN when the record has none.
 enum { NM_DATA_BG_UNKNOWN = 0, NM_DATA_BG_FLAT = 1, NM_DATA_BG_TEXTURE = 2 };
 // Largest bbox coordinate the reader accepts (the image itself is checked by its user).
