@@ -74,6 +74,10 @@ int nm_trace_file_num_samples(const nm_trace_file *f);
 int nm_trace_file_next_index(const nm_trace_file *f);
 // 1 when a failed write left the writer unable to go on (only abort remains).
 int nm_trace_file_broken(const nm_trace_file *f);
+// Durable writer: how many times the shadow was made by copying the whole published file (after
+// the first commit, and whenever a reader still held the previous generation) instead of
+// reusing the previous generation's file.
+int nm_trace_file_shadow_copies(const nm_trace_file *f);
 // 1 if the file holds /samples/<index>.
 int nm_trace_file_has_sample(const nm_trace_file *f, int index);
 // Flushes, closes and renames the temporary file over the target. Frees f. A durable writer
@@ -112,5 +116,15 @@ nm_status nm_trace_read_info(nm_trace_info *info, const char *path, nm_error *er
 // Reads sample number `index` (0-based, in name order) with capacity = n_tokens.
 // Validates shapes and ranges (n_real <= K, slot ids in -1..N-1) and names the bad dataset.
 nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, nm_error *err);
+
+// A trace kept open for several reads: every read sees the one committed state that was there
+// when it was opened, also while `nullmap batch` commits new samples to the trace (the writer
+// never changes a file a reader holds open).
+typedef struct nm_trace_reader nm_trace_reader;
+// Opens `path` and reads its root attributes into *info (may be NULL).
+nm_status nm_trace_reader_open(nm_trace_reader **r, const char *path, nm_trace_info *info, nm_error *err);
+// As nm_trace_read_sample, from the open file.
+nm_status nm_trace_reader_read_sample(nm_trace_reader *r, nm_trace_sample *s, int index, nm_error *err);
+void nm_trace_reader_close(nm_trace_reader *r); // NULL is a no-op
 
 #endif

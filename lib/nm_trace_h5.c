@@ -40,6 +40,7 @@
 #define NM_TRACE_MAX_ELEMS ((uint64_t)1 << 31)      // L·T·K bound (as in nm_trace_sample_init)
 #define NM_TRACE_MAX_STRLEN ((size_t)1 << 24)       // fixed-length string element size bound
 #define NM_TRACE_DEFLATE 4
+#define NM_TRACE_LOCK_RETRIES 50                   // 10 ms apart: a reader waits out a commit
 
 // ---------------------------------------------------------------------------------------------
 // HDF5 error handling: quiet the library, remember the innermost message of the first failure.
@@ -455,10 +456,20 @@ static nm_status open_read(hid_t *fid, const char *path, nm_error *err) {
     if (!S_ISREG(st.st_mode)) return nm_fail(err, NM_ERR_IO, "%s: not a regular file", path);
     hid_t fapl = make_fapl();
     if (fapl < 0) return h5_fail(err, NM_ERR_INTERNAL, "%s: cannot set up HDF5 file access", path);
-    *fid = H5Fopen(path, H5F_ACC_RDONLY, fapl);
-    if (*fid < 0) h5_note();
+    // A durable writer (nullmap batch) locks an inode that it took out of `path` just after this
+    // reader opened it: opening `path` again gives the newly committed file.
+    for (int attempt = 0; attempt < NM_TRACE_LOCK_RETRIES; attempt++) {
+        g_detail[0] = '\0';
+        *fid = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+        if (*fid >= 0) break;
+        h5_note();
+        if (!strstr(g_detail, "unable to lock")) break;
+        nanosleep(&(struct timespec){.tv_nsec = 10 * 1000 * 1000}, NULL);
+    }
     H5Pclose(fapl);
     if (*fid >= 0) return NM_OK;
+    if (strstr(g_detail, "unable to lock"))
+        return h5_fail(err, NM_ERR_IO, "%s: locked by a process that is changing it; try again", path);
     char saved[sizeof g_detail];
     memcpy(saved, g_detail, sizeof saved);
     htri_t is = H5Fis_hdf5(path);
@@ -535,6 +546,7 @@ struct nm_trace_file {
     char *lock_path;      // path.lock: held (flock) by the one writer of the trace
     int lock_fd;          // -1 when not held
     int shadow_lock_fd;   // LOCK_EX on a reused shadow inode while the writer modifies it; -1
+    int shadow_copies;    // shadows made by copying the published file (not by reuse)
 };
 
 // The writers open in this process: their temporary files are not stale leftovers, and a second
@@ -1229,6 +1241,7 @@ static nm_status prepare_shadow(nm_trace_file *f, int had_prev, const nm_trace_s
             unlink(f->prev); // a reader keeps it; the name goes
         }
     }
+    f->shadow_copies++;
     nm_status rc = copy_to_shadow(f, err);
     if (rc == NM_OK) rc = open_shadow(f, 0, err);
     return rc;
@@ -1412,6 +1425,8 @@ nm_status nm_trace_file_open_durable(nm_trace_file **out, const char *path, cons
 int nm_trace_file_next_index(const nm_trace_file *f) { return f ? f->next : 0; }
 
 int nm_trace_file_broken(const nm_trace_file *f) { return f ? f->broken : 0; }
+
+int nm_trace_file_shadow_copies(const nm_trace_file *f) { return f ? f->shadow_copies : 0; }
 
 int nm_trace_file_has_sample(const nm_trace_file *f, int index) {
     if (!f || f->samples < 0 || index < 0 || index >= NM_TRACE_MAX_SAMPLES) return 0;
@@ -1737,27 +1752,19 @@ static nm_status read_sample_attrs(const sample_ctx *x, nm_trace_sample *s, int 
     return NM_OK;
 }
 
-nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, nm_error *err) {
-    nm_error local;
-    if (!err) err = &local;
-    if (!s || !path) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_read_sample: NULL argument");
+// Reads sample `index` from the open /samples group `grp` of `path` (root attributes in info,
+// `count` samples). Called with errors quieted.
+static nm_status read_sample_in(nm_trace_sample *s, const char *path, hid_t grp, const nm_trace_info *info, int count,
+                                int index, nm_error *err) {
     memset(s, 0, sizeof *s);
-    h5_quiet q;
-    quiet_begin(&q);
-    hid_t fid = -1, grp = -1, g = -1;
+    hid_t g = -1;
     enum { D_ID, D_TEXT, D_MOD, D_SEG, D_PATCH, D_NREAL, D_SLOT, D_PROB, D_GATE, D_NULL, D_LSE, D_COUNT };
     hid_t ds[D_COUNT];
     for (int i = 0; i < D_COUNT; i++) ds[i] = -1;
-    nm_trace_info info;
-    int count = 0;
     char sname[256] = "";
     nm_trace_sample tmp;
     memset(&tmp, 0, sizeof tmp);
-
-    nm_status rc = open_read(&fid, path, err);
-    if (rc == NM_OK) rc = read_root(fid, path, &info, err);
-    if (rc == NM_OK) rc = open_samples(fid, path, &grp, &count, err);
-    if (rc != NM_OK) goto out;
+    nm_status rc = NM_OK;
     if (index < 0 || index >= count) {
         rc = nm_fail(err, NM_ERR_INVALID, "%s: sample %d does not exist (the trace holds %d sample%s)", path, index,
                      count, count == 1 ? "" : "s");
@@ -1775,7 +1782,7 @@ nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, 
         goto out;
     }
     const sample_ctx x = {path, sname, g};
-    const long long L = info.cfg.num_layers, K = info.cfg.moe.top_k;
+    const long long L = info->cfg.num_layers, K = info->cfg.moe.top_k;
 
     // Shapes first, all of them, before anything is allocated.
     long long dT[1] = {-1};
@@ -1845,7 +1852,7 @@ nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, 
                 goto out;
             }
     }
-    rc = validate_sample(&x, &tmp, info.cfg.moe.num_experts, err);
+    rc = validate_sample(&x, &tmp, info->cfg.moe.num_experts, err);
     if (rc != NM_OK) goto out;
     *s = tmp;
     memset(&tmp, 0, sizeof tmp);
@@ -1856,8 +1863,75 @@ out:
     nm_trace_sample_free(&tmp);
     for (int i = 0; i < D_COUNT; i++) close_id(&ds[i]);
     close_id(&g);
-    close_id(&grp);
-    close_id(&fid);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A reader that keeps one file open: all its reads see one committed state of the trace.
+
+struct nm_trace_reader {
+    char *path;
+    hid_t fid, samples;
+    nm_trace_info info;
+};
+
+void nm_trace_reader_close(nm_trace_reader *r) {
+    if (!r) return;
+    h5_quiet q;
+    quiet_begin(&q);
+    close_id(&r->samples);
+    close_id(&r->fid);
     quiet_end(&q);
+    free(r->path);
+    free(r);
+}
+
+nm_status nm_trace_reader_open(nm_trace_reader **out, const char *path, nm_trace_info *info, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (out) *out = NULL;
+    if (!out || !path) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_reader_open: NULL argument");
+    nm_trace_reader *r = calloc(1, sizeof *r);
+    if (!r) return NM_NOMEM(err, "a trace reader");
+    r->fid = r->samples = -1;
+    if (!(r->path = strdup(path))) {
+        free(r);
+        return NM_NOMEM(err, "a path");
+    }
+    h5_quiet q;
+    quiet_begin(&q);
+    nm_status rc = open_read(&r->fid, path, err);
+    if (rc == NM_OK) rc = read_root(r->fid, path, &r->info, err);
+    if (rc == NM_OK) rc = open_samples(r->fid, path, &r->samples, &r->info.num_samples, err);
+    quiet_end(&q);
+    if (rc != NM_OK) {
+        nm_trace_reader_close(r);
+        return rc;
+    }
+    if (info) *info = r->info;
+    *out = r;
+    return NM_OK;
+}
+
+nm_status nm_trace_reader_read_sample(nm_trace_reader *r, nm_trace_sample *s, int index, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (!r || !s) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_reader_read_sample: NULL argument");
+    h5_quiet q;
+    quiet_begin(&q);
+    nm_status rc = read_sample_in(s, r->path, r->samples, &r->info, r->info.num_samples, index, err);
+    quiet_end(&q);
+    return rc;
+}
+
+nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (!s || !path) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_read_sample: NULL argument");
+    memset(s, 0, sizeof *s);
+    nm_trace_reader *r = NULL;
+    nm_status rc = nm_trace_reader_open(&r, path, NULL, err);
+    if (rc == NM_OK) rc = nm_trace_reader_read_sample(r, s, index, err);
+    nm_trace_reader_close(r);
     return rc;
 }

@@ -4,6 +4,10 @@
   trace_check.py intact TRACE [NAME ...]   every sample reads back whole and passes the schema's
                                            invariants; every NAME (e.g. 000012) is present.
                                            Prints the number of samples.
+  trace_check.py prefix TRACE REF          TRACE's samples are the first n of REF, same values
+                                           (a reader's view of a batch that is writing TRACE)
+  trace_check.py watch TRACE REF STOP      `prefix` in a loop until the file STOP exists;
+                                           prints the counts of reads
   trace_check.py equal A B                 same samples with the same attributes and the same
                                            dataset values, bit for bit (root attribute 'created',
                                            the creation time, is ignored)
@@ -93,26 +97,72 @@ def equal(a, b):
             fail("sample names differ: %d vs %d samples, first difference %s" %
                  (len(na), len(nb), next((x for x, y in zip(na, nb) if x != y), "at the end")))
         for name in na:
-            ga, gb = fa["samples"][name], fb["samples"][name]
-            if attrs_of(ga) != attrs_of(gb):
-                fail("/samples/%s: attributes differ" % name)
-            da, db = datasets_of(ga), datasets_of(gb)
-            if sorted(da) != sorted(db):
-                fail("/samples/%s: datasets differ: %s vs %s" % (name, sorted(da), sorted(db)))
-            for ds in da:
-                x, y = da[ds][()], db[ds][()]
-                if x.dtype != y.dtype or x.shape != y.shape:
-                    fail("/samples/%s/%s: type or shape differ" % (name, ds))
-                if x.dtype.kind == "O":
-                    same = [bytes(u) if not isinstance(u, str) else u.encode() for u in x.ravel()] == \
-                           [bytes(u) if not isinstance(u, str) else u.encode() for u in y.ravel()]
-                else:
-                    same = x.tobytes() == y.tobytes()
-                if not same:
-                    fail("/samples/%s/%s: values differ" % (name, ds))
-                if attrs_of(da[ds]) != attrs_of(db[ds]):
-                    fail("/samples/%s/%s: attributes differ" % (name, ds))
+            same_sample(fa, fb, name)
         print("equal: %d samples" % len(na))
+
+
+def same_sample(fa, fb, name):
+    ga, gb = fa["samples"][name], fb["samples"][name]
+    if attrs_of(ga) != attrs_of(gb):
+        fail("/samples/%s: attributes differ" % name)
+    da, db = datasets_of(ga), datasets_of(gb)
+    if sorted(da) != sorted(db):
+        fail("/samples/%s: datasets differ: %s vs %s" % (name, sorted(da), sorted(db)))
+    for ds in da:
+        x, y = da[ds][()], db[ds][()]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            fail("/samples/%s/%s: type or shape differ" % (name, ds))
+        if x.dtype.kind == "O":
+            same = [u if isinstance(u, bytes) else u.encode() for u in x.ravel()] == \
+                   [u if isinstance(u, bytes) else u.encode() for u in y.ravel()]
+        else:
+            same = x.tobytes() == y.tobytes()
+        if not same:
+            fail("/samples/%s/%s: values differ" % (name, ds))
+        if attrs_of(da[ds]) != attrs_of(db[ds]):
+            fail("/samples/%s/%s: attributes differ" % (name, ds))
+
+
+def prefix(path, ref):
+    """One committed state of a batch writing `path` from scratch: its samples are the first n
+    of the finished trace `ref`, each with the same values."""
+    with h5py.File(path, "r") as f, h5py.File(ref, "r") as fr:
+        names, ref_names = sorted(f["samples"]), sorted(fr["samples"])
+        if names != ref_names[:len(names)]:
+            fail("%s: samples %s... are not the first %d of %s" % (path, names[:3], len(names), ref))
+        for name in names:
+            same_sample(f, fr, name)
+        print(len(names))
+
+
+def watch(path, ref, stop_file):
+    """Reads `path` again and again (as `prefix`) until `stop_file` exists. Prints
+    'reads N consistent N refused N' where refused = an open that HDF5 refused because the
+    writer held the file's lock at that instant (a clear error, never data); fails on any
+    inconsistent or unreadable state."""
+    import os
+    reads = consistent = refused = 0
+    while not os.path.exists(stop_file):
+        if not os.path.exists(path):
+            continue
+        reads += 1
+        try:
+            f = h5py.File(path, "r")
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if "unable to lock" in str(e):
+                refused += 1
+                continue
+            fail("%s: cannot open: %s" % (path, e))
+        with f, h5py.File(ref, "r") as fr:
+            names, ref_names = sorted(f["samples"]), sorted(fr["samples"])
+            if names != ref_names[:len(names)]:
+                fail("%s: samples %s... are not the first %d of %s" % (path, names[:3], len(names), ref))
+            for name in names:
+                same_sample(f, fr, name)
+        consistent += 1
+    print("reads %d consistent %d refused %d" % (reads, consistent, refused))
 
 
 def main():
@@ -120,6 +170,10 @@ def main():
         intact(sys.argv[2], sys.argv[3:])
     elif len(sys.argv) == 4 and sys.argv[1] == "equal":
         equal(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "watch":
+        watch(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) == 4 and sys.argv[1] == "prefix":
+        prefix(sys.argv[2], sys.argv[3])
     else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

@@ -282,7 +282,7 @@ int cmd_batch(int argc, char **argv) {
         s = nm_fail(&err, NM_ERR_INVALID, "%s: no pair could be run", pairs_path);
         goto fail;
     }
-    int total = nm_trace_file_num_samples(tf);
+    int total = nm_trace_file_num_samples(tf), copies = nm_trace_file_shadow_copies(tf);
     if ((s = nm_trace_file_commit(tf, &err)) != NM_OK) {
         tf = NULL;
         goto fail;
@@ -292,6 +292,9 @@ int cmd_batch(int argc, char **argv) {
     printf("wrote %d sample%s to %s (%d in the file", n_ok, n_ok == 1 ? "" : "s", out, total);
     if (n_had) printf("; %d committed by the interrupted run", n_had);
     printf(")%s\n", n_bad ? " — some pairs were skipped, see above" : "");
+    if (verbose)
+        printf("shadow copies: %d (the first commit, resuming, and commits while a reader held the previous "
+               "file)\n", copies);
     if (n_ok) cli_print_summary(&met, stdout);
     goto done;
 fail:
