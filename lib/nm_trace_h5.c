@@ -547,6 +547,8 @@ struct nm_trace_file {
     int lock_fd;          // -1 when not held
     int shadow_lock_fd;   // LOCK_EX on a reused shadow inode while the writer modifies it; -1
     int shadow_copies;    // shadows made by copying the published file (not by reuse)
+    int published;        // this writer has published the file now at `path`
+    int attrs_changed;    // root attributes changed since the last publish (set_batch)
 };
 
 // The writers open in this process: their temporary files are not stale leftovers, and a second
@@ -1178,11 +1180,13 @@ out:
 }
 
 // Durable writing, step 1: closes the shadow and renames it over the published file, keeping
-// the old inode as f->prev (when there was one: *had_prev). The published file must be the one
-// this writer published last (or found at open).
-static nm_status publish_shadow(nm_trace_file *f, int *had_prev, nm_error *err) {
+// the old inode as f->prev when it can become the next shadow (*reusable): when this writer
+// published it and the shadow differs from it by one sample only (not the trace found at open,
+// which --force replaces and --append's batch record changes). The published file must be the
+// one this writer published last (or found at open).
+static nm_status publish_shadow(nm_trace_file *f, int *reusable, nm_error *err) {
     const char *p = f->path;
-    *had_prev = 0;
+    *reusable = 0;
     close_id(&f->samples);
     herr_t cl = H5Fclose(f->fid);
     f->fid = -1;
@@ -1202,7 +1206,8 @@ static nm_status publish_shadow(nm_trace_file *f, int *had_prev, nm_error *err) 
     if (now_exists != f->target_existed || (now_exists && !same_file_state(&now, &f->target_st)))
         return nm_fail(err, NM_ERR_IO, "%s: %s since this writer last committed to it (another writer?); not "
                        "replacing it", p, now_exists ? (f->target_existed ? "changed" : "was created") : "was removed");
-    if (now_exists) {
+    const int keep_prev = now_exists && f->published && !f->attrs_changed;
+    if (keep_prev) {
         if (unlink(f->prev) != 0 && errno != ENOENT)
             return nm_fail(err, NM_ERR_IO, "%s: cannot remove %s: %s", p, f->prev, strerror(errno));
         if (link(p, f->prev) != 0)
@@ -1210,10 +1215,12 @@ static nm_status publish_shadow(nm_trace_file *f, int *had_prev, nm_error *err) 
     }
     if (rename(f->tmp, p) != 0) {
         int e = errno;
-        if (now_exists) unlink(f->prev);
+        if (keep_prev) unlink(f->prev);
         return nm_fail(err, NM_ERR_IO, "%s: cannot rename %s over it: %s", p, f->tmp, strerror(e));
     }
-    *had_prev = now_exists;
+    *reusable = keep_prev;
+    f->published = 1;
+    f->attrs_changed = 0;
     f->dirty = 0;
     if (stat(p, &f->target_st) != 0) return nm_fail(err, NM_ERR_IO, "%s: %s", p, strerror(errno));
     f->target_existed = 1;
@@ -1221,11 +1228,11 @@ static nm_status publish_shadow(nm_trace_file *f, int *had_prev, nm_error *err) 
 }
 
 // Durable writing, step 2: the next shadow. The previous generation's inode (f->prev, one
-// sample behind) is reused when no reader holds it: sample `s` is written into it again.
-// Otherwise, or when anything about the reuse fails, the published file is copied.
-static nm_status prepare_shadow(nm_trace_file *f, int had_prev, const nm_trace_sample *s, const char *name,
+// sample behind) is reused when it is `reusable` and no reader holds it: sample `s` is written
+// into it again. Otherwise, or when anything about the reuse fails, the published file is copied.
+static nm_status prepare_shadow(nm_trace_file *f, int reusable, const nm_trace_sample *s, const char *name,
                                 nm_error *err) {
-    if (had_prev) {
+    if (reusable) {
         int fd = open(f->prev, O_RDWR | O_CLOEXEC);
         if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0 && rename(f->prev, f->tmp) == 0) {
             f->shadow_lock_fd = fd;
@@ -1275,14 +1282,14 @@ nm_status nm_trace_file_write_sample_at(nm_trace_file *f, const nm_trace_sample 
     if (index >= f->next) f->next = index + 1;
     f->dirty = 1;
     if (f->durable) {
-        int had_prev = 0;
-        rc = publish_shadow(f, &had_prev, err);
+        int reusable = 0;
+        rc = publish_shadow(f, &reusable, err);
         if (rc != NM_OK) {
             f->broken = 1;
             nm_error_prefix(err, "sample %d not committed", index);
             goto out;
         }
-        rc = prepare_shadow(f, had_prev, s, name, err);
+        rc = prepare_shadow(f, reusable, s, name, err);
         if (rc != NM_OK) {
             f->broken = 1;
             nm_error_prefix(err, "sample %d committed, but the writer cannot go on", index);
@@ -1313,8 +1320,8 @@ static nm_status durable_commit(nm_trace_file *f, nm_error *err) {
     if (f->broken) {
         rc = nm_fail(err, NM_ERR_INVALID, "%s: an earlier write failed; the samples before it are committed", f->path);
     } else if (f->dirty) {
-        int had_prev = 0;
-        rc = publish_shadow(f, &had_prev, err);
+        int reusable = 0;
+        rc = publish_shadow(f, &reusable, err);
     }
     close_id(&f->samples);
     close_id(&f->fid);
@@ -1464,6 +1471,7 @@ nm_status nm_trace_file_set_batch(nm_trace_file *f, const nm_trace_batch *b, nm_
         rc = h5_fail(err, NM_ERR_IO, "%s: cannot record the batch in the root attributes", f->path);
     }
     f->dirty = 1;
+    f->attrs_changed = 1;
     quiet_end(&q);
     return rc;
 }

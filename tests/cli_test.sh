@@ -424,15 +424,18 @@ contains "$LAST_OUT" "stopped after step 4"
 [ "$(wc -l < run/log.csv)" = 5 ] || fail "train: log.csv should hold a header and 4 rows"
 expect 1 "$NULLMAP" train --config train.json --data dset --out run
 contains "$LAST_ERR" "already holds a training run" "--resume"
+mkdir run/ckpt-0000005.tmp-99999 # what a killed run leaves: an unfinished checkpoint, a log rewrite
+touch run/ckpt-0000005.tmp-99999/model.safetensors run/log.csv.tmp-99999
 expect 0 "$NULLMAP" train --config train.json --data dset --out run --resume --final-dtype bf16
 contains "$LAST_OUT" "trained: run/final"
+ls run | grep -q 'tmp-' && fail "train --resume left temporaries of a killed run: $(ls run)"
 [ "$(wc -l < run/log.csv)" = 7 ] || fail "train --resume: log.csv should hold a header and 6 rows"
 head -1 run/log.csv | grep -q '^step,lr,loss,ce,ce_answer,ce_prompt,l_bal,l_z,null_slot_ratio,zero_compute_ratio,' ||
     fail "train: log.csv header"
 expect 0 "$NULLMAP" info run/final
 contains "$LAST_OUT" "BF16"
 expect 0 "$NULLMAP" run --model run/final --image "$IMAGE" --prompt "What colour?" --max-new-tokens 3 --out out_trained --no-render
-ok "train: --stop-after, refusal without --resume, --resume to the end, log.csv, a final model that runs"
+ok "train: --stop-after, refusal without --resume, --resume to the end (removing a killed run's temporaries), log.csv, a final model that runs"
 sed 's/"steps": 6/"stepz": 6/' train.json >train_typo.json
 expect 1 "$NULLMAP" train --config train_typo.json --data dset --out run_typo
 contains "$LAST_ERR" "train_typo.json" "unknown key train.stepz"

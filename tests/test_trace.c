@@ -1162,6 +1162,50 @@ START_TEST(test_durable_abort_resume_and_batch) {
 }
 END_TEST
 
+// --force and --append on an existing trace: the old file is never the next shadow (it is not
+// one sample behind), so the batch record and the replaced contents are right after more commits.
+START_TEST(test_durable_force_and_append) {
+    char *dir = nm_test_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s", nm_test_path(dir, "trace.h5"));
+    nm_config c;
+    nm_trace_sample s[3];
+    three_samples(s, &c, 905);
+    write_trace(path, &c, s, 3);
+    nm_trace_file *f = NULL;
+    nm_error err;
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 0, 1, &err) == NM_OK, "%s", err.msg); // --force
+    ck_assert_int_eq(trace_count(path), 3); // replaced at the first commit
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[2], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[1], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[0], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(trace_count(path), 3);
+    ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+    for (int i = 0; i < 3; i++) assert_read_equal(path, i, &s[2 - i]);
+
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 1, 0, &err) == NM_OK, "%s", err.msg); // --append
+    nm_trace_batch b = {.key = "fnv1a64:abcd", .first_sample = 3, .n_pairs = 2}, got;
+    ck_assert_msg(nm_trace_file_set_batch(f, &b, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[0], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[1], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[2], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(nm_trace_file_shadow_copies(f), 1); // the first commit's; then reuse
+    nm_trace_file_abort(f);
+    ck_assert_int_eq(trace_count(path), 6);
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 1, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_get_batch(f, &got, &err) == NM_OK, "%s", err.msg);
+    ck_assert_str_eq(got.key, b.key);
+    ck_assert_int_eq(got.first_sample, 3);
+    nm_trace_file_abort(f);
+    for (int i = 0; i < 3; i++) assert_read_equal(path, 3 + i, &s[i]);
+    ck_assert_int_eq(count_entries(dir, NULL), 1);
+    assert_no_open_ids();
+    free_samples(s, 3);
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 // What a kill leaves (a torn shadow, a .prev link, a stale lock file) is cleaned up by the next
 // writer; the published trace is intact. Empty durable traces are published on commit.
 START_TEST(test_durable_crash_leftovers) {
@@ -1254,6 +1298,7 @@ NM_TEST_SUITE(trace) {
     tcase_set_timeout(du, 60);
     tcase_add_test(du, test_durable_commits_each_sample);
     tcase_add_test(du, test_durable_abort_resume_and_batch);
+    tcase_add_test(du, test_durable_force_and_append);
     tcase_add_test(du, test_durable_crash_leftovers);
     tcase_add_test(du, test_reader_meets_writer_lock);
     suite_add_tcase(s, du);
