@@ -150,8 +150,10 @@ static nm_status hash_file(uint64_t *h, const char *path, nm_error *err) {
     return bad ? nm_fail(err, NM_ERR_IO, "%s: read error", path) : NM_OK;
 }
 
-// The batch key: the model's config.json and model.safetensors, the pair list, max_new_tokens.
-static nm_status batch_key(char *key, size_t size, const char *model_dir, const char *pairs_path, int max_new,
+// The batch key: the model's config.json and model.safetensors, the pairs (image paths as
+// resolved and prompts as decoded: comments, blank lines and a list read from a pipe do not
+// matter), max_new_tokens.
+static nm_status batch_key(char *key, size_t size, const char *model_dir, const pair *pairs, int n_pairs, int max_new,
                            nm_error *err) {
     uint64_t h = 14695981039346656037ULL;
     static const char *files[] = {"config.json", "model.safetensors"};
@@ -161,8 +163,12 @@ static nm_status batch_key(char *key, size_t size, const char *model_dir, const 
         s = p ? hash_file(&h, p, err) : NM_NOMEM(err, "a path");
         free(p);
     }
-    if (s == NM_OK) s = hash_file(&h, pairs_path, err);
     if (s != NM_OK) return s;
+    for (int i = 0; i < n_pairs; i++) {
+        const char *image = pairs[i].image ? pairs[i].image : "";
+        h = fnv1a(h, image, strlen(image) + 1);
+        h = fnv1a(h, pairs[i].prompt, strlen(pairs[i].prompt) + 1);
+    }
     h = fnv1a(h, &max_new, sizeof max_new);
     snprintf(key, size, "fnv1a64:%016llx", (unsigned long long)h);
     return NM_OK;
@@ -237,8 +243,8 @@ int cmd_batch(int argc, char **argv) {
     nm_status s;
     if ((s = read_pairs(pairs_path, &pairs, &n_pairs, &err)) != NM_OK) goto fail;
     mine.n_pairs = n_pairs;
-    if ((s = batch_key(mine.key, sizeof mine.key, model_dir, pairs_path, max_new, &err)) != NM_OK) goto fail;
     if ((s = nm_model_load(&model, model_dir, &err)) != NM_OK) goto fail;
+    if ((s = batch_key(mine.key, sizeof mine.key, model_dir, pairs, n_pairs, max_new, &err)) != NM_OK) goto fail;
     int resuming = resume && nm_path_exists(out); // nothing to resume: a new trace
     if ((s = nm_trace_file_open_durable(&tf, out, &model.cfg, model_dir, append || resuming, force, &err)) != NM_OK)
         goto fail;
