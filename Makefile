@@ -4,6 +4,8 @@
 #   make test          install Debian packages if missing, build, run the Check suite + CLI tests
 #   make test SAN=1    the same under AddressSanitizer + UBSan (separate build dir build-san/)
 #   make valgrind      a full `nullmap run` under valgrind, failing on any leak or error
+#   make killtest      crash safety: batch and train killed (SIGKILL) at random moments and
+#                      resumed, concurrent readers (minutes; KILLTEST_ARGS=--seed 2 …)
 #   make demo          install, build, run the shipped trained model on a held-out sample image
 #   make bench         speed benchmarks (ratios measured side by side in one run; the GPU part
 #                      runs only where a CUDA device is present)
@@ -84,7 +86,7 @@ BENCH_SRC := $(wildcard tests/bench/*.c)
 VERSION := 0.1.0
 NULLMAP := $(BUILD)/nullmap
 
-.PHONY: all deps test valgrind demo bench install clean fixtures sandbox fuzz fuzz-run fuzz-regress
+.PHONY: all deps test valgrind killtest demo bench install clean fixtures sandbox fuzz fuzz-run fuzz-regress
 
 all: $(NULLMAP) $(BUILD)/libnullmap.a $(BUILD)/libnullmap.so
 ifeq ($(NVCC),)
@@ -151,6 +153,11 @@ endif
 valgrind: deps
 	@$(MAKE) --no-print-directory all SAN=0
 	tests/valgrind_run.sh build/nullmap
+
+# tests/kill_test.sh: 120 batch kills + 80 training kills by default; prints the totals.
+killtest: deps
+	@$(MAKE) --no-print-directory all SAN=0
+	NULLMAP=build/nullmap tests/kill_test.sh $(KILLTEST_ARGS)
 
 # The demo uses the shipped, trained default model (samples/models/k8-trained: K^8 at rho = 0.5,
 # trained by `nullmap train` on the synthetic set; README "The shipped model") on a held-out image.

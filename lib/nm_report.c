@@ -157,12 +157,16 @@ nm_status nm_report_trace_load(nm_report_trace *r, const char *path, int per_sam
     if (!r || !path) return nm_fail(err, NM_ERR_INTERNAL, "nm_report_trace_load: NULL argument");
     memset(r, 0, sizeof *r);
     nm_trace_info info;
-    nm_status st = nm_trace_read_info(&info, path, err);
+    nm_trace_reader *rd = NULL; // one open file: one committed state, also while a batch writes
+    nm_status st = nm_trace_reader_open(&rd, path, &info, err);
     if (st != NM_OK) return st;
-    if ((st = nm_report_trace_begin(r, path, &info, per_sample, err)) != NM_OK) return st;
+    if ((st = nm_report_trace_begin(r, path, &info, per_sample, err)) != NM_OK) {
+        nm_trace_reader_close(rd);
+        return st;
+    }
     for (int i = 0; i < info.num_samples; i++) {
         nm_trace_sample s;
-        if ((st = nm_trace_read_sample(&s, path, i, err)) != NM_OK) break; // names file and dataset
+        if ((st = nm_trace_reader_read_sample(rd, &s, i, err)) != NM_OK) break; // names file and dataset
         st = nm_report_trace_add(r, &s, err);
         nm_trace_sample_free(&s);
         if (st != NM_OK) {
@@ -171,6 +175,7 @@ nm_status nm_report_trace_load(nm_report_trace *r, const char *path, int per_sam
         }
         if (progress) progress(progress_ctx, i + 1, info.num_samples);
     }
+    nm_trace_reader_close(rd);
     if (st != NM_OK) {
         nm_report_trace_free(r);
         return st;

@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +41,7 @@
 // Reading: sample counts, L·T·K and string sizes are checked against the trace_samples,
 // trace_entries and trace_string_bytes limits (nm_limits.h).
 #define NM_TRACE_DEFLATE 4
+#define NM_TRACE_LOCK_RETRIES 50                   // 10 ms apart: a reader waits out a commit
 
 // ---------------------------------------------------------------------------------------------
 // HDF5 error handling: quiet the library, remember the innermost message of the first failure.
@@ -456,10 +458,20 @@ static nm_status open_read(hid_t *fid, const char *path, nm_error *err) {
     if (!S_ISREG(st.st_mode)) return nm_fail(err, NM_ERR_IO, "%s: not a regular file", path);
     hid_t fapl = make_fapl();
     if (fapl < 0) return h5_fail(err, NM_ERR_INTERNAL, "%s: cannot set up HDF5 file access", path);
-    *fid = H5Fopen(path, H5F_ACC_RDONLY, fapl);
-    if (*fid < 0) h5_note();
+    // A durable writer (nullmap batch) locks an inode that it took out of `path` just after this
+    // reader opened it: opening `path` again gives the newly committed file.
+    for (int attempt = 0; attempt < NM_TRACE_LOCK_RETRIES; attempt++) {
+        g_detail[0] = '\0';
+        *fid = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+        if (*fid >= 0) break;
+        h5_note();
+        if (!strstr(g_detail, "unable to lock")) break;
+        nanosleep(&(struct timespec){.tv_nsec = 10 * 1000 * 1000}, NULL);
+    }
     H5Pclose(fapl);
     if (*fid >= 0) return NM_OK;
+    if (strstr(g_detail, "unable to lock"))
+        return h5_fail(err, NM_ERR_IO, "%s: locked by a process that is changing it; try again", path);
     char saved[sizeof g_detail];
     memcpy(saved, g_detail, sizeof saved);
     htri_t is = H5Fis_hdf5(path);
@@ -528,6 +540,17 @@ struct nm_trace_file {
     int target_existed;
     struct stat target_st; // the target as it was when opened (commit checks it did not change)
     nm_trace_file *next_open; // list of this process's open writers
+
+    // Durable writers (nm_trace_file_open_durable) publish every sample; see "Durable writing".
+    int durable;
+    int dirty;            // the shadow holds changes not yet published
+    char *prev;           // path.prev: the previous generation's name during a publish
+    char *lock_path;      // path.lock: held (flock) by the one writer of the trace
+    int lock_fd;          // -1 when not held
+    int shadow_lock_fd;   // LOCK_EX on a reused shadow inode while the writer modifies it; -1
+    int shadow_copies;    // shadows made by copying the published file (not by reuse)
+    int published;        // this writer has published the file now at `path`
+    int attrs_changed;    // root attributes changed since the last publish (set_batch)
 };
 
 // The writers open in this process: their temporary files are not stale leftovers, and a second
@@ -549,8 +572,15 @@ static void file_free(nm_trace_file *f) {
         }
     close_id(&f->samples);
     close_id(&f->fid);
+    if (f->shadow_lock_fd >= 0) close(f->shadow_lock_fd);
+    if (f->lock_fd >= 0) { // unlink first: a writer waiting on this inode then sees it is stale
+        unlink(f->lock_path);
+        close(f->lock_fd);
+    }
     free(f->path);
     free(f->tmp);
+    free(f->prev);
+    free(f->lock_path);
     free(f);
 }
 
@@ -607,6 +637,128 @@ out:
     return rc;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Durable writing: every sample is published as it is written (README "Crash safety").
+//
+// The published trace `path` is never modified in place. The writer keeps a shadow `path.shadow`
+// with the same contents, opened read-write. To publish sample k it writes k into the shadow,
+// closes and fsyncs it, hard-links the published file to `path.prev` (that keeps its inode),
+// renames the shadow over `path` (atomic: a reader sees the old or the new file, both complete)
+// and fsyncs the directory: k is committed. The old inode, one sample behind, becomes the next
+// shadow and gets sample k written a second time. So each sample is written twice and nothing is
+// copied whole in the steady state; a kill at any moment leaves `path` complete and closed.
+//
+// Readers: a reader keeps the inode it opened, and HDF5 readers (ours, h5py, h5dump) hold a
+// shared flock on it while the file is open. Before the writer reuses the old inode it takes
+// an exclusive flock on it (without waiting); when a reader still holds it, the writer leaves
+// that inode to the reader and copies the published file into a fresh shadow instead. A reader
+// whose open races with that lock gets an error from HDF5 ("unable to lock file"), never a file
+// in the middle of a change; nm_trace_* readers then open `path` again. A reader that switches
+// HDF5 file locking off (HDF5_USE_FILE_LOCKING=FALSE) is not protected.
+
+#define NM_TRACE_SHADOW_SUFFIX ".shadow"
+#define NM_TRACE_PREV_SUFFIX ".prev"
+#define NM_TRACE_LOCK_SUFFIX ".lock"
+
+static char *path_with_suffix(const char *path, const char *suffix) {
+    size_t n = strlen(path), m = strlen(suffix);
+    char *s = malloc(n + m + 1);
+    if (!s) return NULL;
+    memcpy(s, path, n);
+    memcpy(s + n, suffix, m + 1);
+    return s;
+}
+
+// Takes `path.lock` (flock, not waiting). The lock file is removed by the writer that holds it
+// when it finishes; a waiter that locked a removed file sees that its inode is no longer the
+// one at the path and tries again.
+static nm_status take_writer_lock(nm_trace_file *f, nm_error *err) {
+    if (!(f->lock_path = path_with_suffix(f->path, NM_TRACE_LOCK_SUFFIX)) ||
+        !(f->prev = path_with_suffix(f->path, NM_TRACE_PREV_SUFFIX)))
+        return NM_NOMEM(err, "a path");
+    for (int attempt = 0; attempt < 10; attempt++) {
+        int fd = open(f->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+        if (fd < 0) return nm_fail(err, NM_ERR_IO, "%s: cannot create the lock file %s: %s", f->path, f->lock_path,
+                                   strerror(errno));
+        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+            int e = errno;
+            close(fd);
+            if (e == EWOULDBLOCK)
+                return nm_fail(err, NM_ERR_IO, "%s: another process is writing this trace (it holds %s)", f->path,
+                               f->lock_path);
+            return nm_fail(err, NM_ERR_IO, "%s: cannot lock %s: %s", f->path, f->lock_path, strerror(e));
+        }
+        struct stat held, named;
+        if (fstat(fd, &held) == 0 && stat(f->lock_path, &named) == 0 && held.st_ino == named.st_ino &&
+            held.st_dev == named.st_dev) {
+            f->lock_fd = fd;
+            return NM_OK;
+        }
+        close(fd); // the lock file was removed by the writer before us: take the new one
+    }
+    return nm_fail(err, NM_ERR_IO, "%s: cannot take the lock file %s", f->path, f->lock_path);
+}
+
+// The directory holding `path` ("." or "/" included), fsynced after a rename into it.
+static nm_status fsync_dir_of(const char *path, nm_error *err) {
+    char *dir = strdup(path);
+    if (!dir) return NM_NOMEM(err, "a path");
+    char *slash = strrchr(dir, '/');
+    const char *d = ".";
+    if (slash == dir)
+        d = "/";
+    else if (slash) {
+        *slash = '\0';
+        d = dir;
+    }
+    nm_status rc = nm_fsync_path(d, 1, err);
+    free(dir);
+    return rc;
+}
+
+// HDF5 access for a shadow inode whose flock we already hold on another descriptor: HDF5's own
+// lock would conflict with ours (where the environment forces it on, the open fails and the
+// caller copies instead).
+static hid_t make_unlocked_fapl(void) {
+    hid_t fapl = make_fapl();
+#if H5_VERSION_GE(1, 10, 7)
+    if (fapl >= 0 && !H5OK(H5Pset_file_locking(fapl, 0, 1))) {
+        H5Pclose(fapl);
+        return -1;
+    }
+#endif
+    return fapl;
+}
+
+// Opens the shadow read-write (f->fid, f->samples). `unlocked`: we hold its flock ourselves.
+static nm_status open_shadow(nm_trace_file *f, int unlocked, nm_error *err) {
+    hid_t fapl = unlocked ? make_unlocked_fapl() : make_fapl();
+    if (fapl < 0) return h5_fail(err, NM_ERR_INTERNAL, "%s: cannot set up HDF5 file access", f->path);
+    f->fid = H5Fopen(f->tmp, H5F_ACC_RDWR, fapl);
+    if (f->fid < 0) h5_note();
+    H5Pclose(fapl);
+    if (f->fid < 0) return h5_fail(err, NM_ERR_IO, "%s: cannot open the shadow copy %s", f->path, f->tmp);
+    if (!H5OK(f->samples = H5Gopen2(f->fid, "samples", H5P_DEFAULT))) {
+        close_id(&f->fid);
+        return h5_fail(err, NM_ERR_IO, "%s: cannot open /samples in the shadow copy %s", f->path, f->tmp);
+    }
+    return NM_OK;
+}
+
+// A fresh shadow: a byte copy of the published file (no reader can know this inode).
+static nm_status copy_to_shadow(nm_trace_file *f, nm_error *err) {
+    if (unlink(f->tmp) != 0 && errno != ENOENT)
+        return nm_fail(err, NM_ERR_IO, "%s: cannot remove %s: %s", f->path, f->tmp, strerror(errno));
+    int fd = open(f->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0) return nm_fail(err, NM_ERR_IO, "%s: cannot create %s: %s", f->path, f->tmp, strerror(errno));
+    struct stat st;
+    nm_status rc = copy_file(f->path, fd, f->tmp, &st, err);
+    if (rc == NM_OK && fchmod(fd, st.st_mode & 07777) != 0)
+        rc = nm_fail(err, NM_ERR_IO, "%s: chmod: %s", f->tmp, strerror(errno));
+    if (close(fd) != 0 && rc == NM_OK) rc = nm_fail(err, NM_ERR_IO, "%s: write error: %s", f->tmp, strerror(errno));
+    return rc;
+}
+
 static nm_status check_cfg(const nm_config *c, const char *path, nm_error *err) {
     if (c->num_layers < 1 || c->num_layers > NM_MAX_LAYERS || c->moe.num_experts < 1 ||
         c->moe.num_experts > NM_MAX_EXPERTS || c->moe.null_copies < 0 || c->moe.null_copies > NM_MAX_EXPERTS ||
@@ -617,8 +769,8 @@ static nm_status check_cfg(const nm_config *c, const char *path, nm_error *err) 
     return NM_OK;
 }
 
-nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_config *cfg, const char *model_name,
-                             int append, int overwrite, nm_error *err) {
+static nm_status trace_open(nm_trace_file **out, const char *path, const nm_config *cfg, const char *model_name,
+                            int append, int overwrite, int durable, nm_error *err) {
     nm_error local;
     if (!err) err = &local;
     if (out) *out = NULL;
@@ -636,6 +788,8 @@ nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_con
         goto out;
     }
     f->fid = f->samples = -1;
+    f->lock_fd = f->shadow_lock_fd = -1;
+    f->durable = durable;
     f->cfg = *cfg;
 
     // The target: resolve a symbolic link so that the file it points to is replaced, not the link.
@@ -660,6 +814,15 @@ nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_con
         goto out;
     }
     const char *p = f->path;
+    if (durable) { // one writer per trace; then the leftovers of a crashed writer can go
+        rc = take_writer_lock(f, err);
+        if (rc != NM_OK) goto out;
+        if (unlink(f->prev) != 0 && errno != ENOENT) {
+            rc = nm_fail(err, NM_ERR_IO, "%s: cannot remove the leftover %s: %s", p, f->prev, strerror(errno));
+            goto out;
+        }
+        exists = lstat(p, &lst) == 0;
+    }
     if (exists) {
         if (stat(p, &f->target_st) != 0) {
             rc = nm_fail(err, NM_ERR_IO, "%s: %s", p, strerror(errno));
@@ -701,8 +864,9 @@ nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_con
     }
 
     // The temporary file, created exclusively. One left by an earlier process with this pid
-    // can only be a leftover of a crash: it is replaced.
-    f->tmp = nm_tmp_path(p);
+    // (or, for a durable writer, the shadow of a crashed one: we hold the writer lock) can only
+    // be a leftover of a crash: it is replaced.
+    f->tmp = durable ? path_with_suffix(p, NM_TRACE_SHADOW_SUFFIX) : nm_tmp_path(p);
     if (!f->tmp) {
         rc = NM_NOMEM(err, "a path");
         goto out;
@@ -742,8 +906,10 @@ nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_con
         rc = h5_fail(err, NM_ERR_INTERNAL, "%s: cannot set up HDF5 file access", p);
         goto out;
     }
+    f->dirty = 1; // a durable writer publishes a new trace with its first sample
     if (exists && append) {
         nm_trace_info info;
+        f->dirty = 0;
         if (!H5OK(f->fid = H5Fopen(f->tmp, H5F_ACC_RDWR, fapl))) {
             rc = h5_fail(err, NM_ERR_FORMAT, "%s: cannot open the existing trace to append to it", p);
             goto out;
@@ -915,22 +1081,10 @@ static int write_dset(hid_t grp, const dset_spec *d) {
 
 static hsize_t min_h(hsize_t a, hsize_t b) { return a < b ? a : b; }
 
-nm_status nm_trace_file_write_sample(nm_trace_file *f, const nm_trace_sample *s, int *index, nm_error *err) {
-    nm_error local;
-    if (!err) err = &local;
-    if (index) *index = -1;
-    if (!f || !s) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_file_write_sample: NULL argument");
-    if (f->broken)
-        return nm_fail(err, NM_ERR_INVALID, "%s: an earlier write to this trace failed; abort it and start again", f->path);
-    nm_status rc = check_sample(f, s, err);
-    if (rc != NM_OK) return rc;
-    if (f->next >= NM_TRACE_MAX_SAMPLES)
-        return nm_fail(err, NM_ERR_LIMIT, "%s: a trace holds at most %d samples", f->path, NM_TRACE_MAX_SAMPLES);
-
-    h5_quiet q;
-    quiet_begin(&q);
-    char name[16];
-    snprintf(name, sizeof name, "%06d", f->next);
+// Writes the checked sample `s` as /samples/<name> into the open file. On failure the group is
+// taken out again, or f->broken is set when even that fails.
+static nm_status write_sample_group(nm_trace_file *f, const nm_trace_sample *s, const char *name, nm_error *err) {
+    nm_status rc = NM_OK;
     const char **text = NULL;
     hid_t g = -1, sub = -1, strt = -1;
     int created = 0;
@@ -1011,9 +1165,6 @@ nm_status nm_trace_file_write_sample(nm_trace_file *f, const nm_trace_sample *s,
         if (write_dset(g, &specs[i]) < 0) goto h5err;
     }
     close_id(&g);
-    if (index) *index = f->next;
-    f->next++;
-    f->count++;
     rc = NM_OK;
     goto out;
 
@@ -1027,7 +1178,158 @@ out:
     if (rc != NM_OK && created) { // take the half-written sample out again, or refuse to commit
         if (H5Ldelete(f->samples, name, H5P_DEFAULT) < 0) f->broken = 1;
     }
+    return rc;
+}
+
+// Durable writing, step 1: closes the shadow and renames it over the published file, keeping
+// the old inode as f->prev when it can become the next shadow (*reusable): when this writer
+// published it and the shadow differs from it by one sample only (not the trace found at open,
+// which --force replaces and --append's batch record changes). The published file must be the
+// one this writer published last (or found at open).
+static nm_status publish_shadow(nm_trace_file *f, int *reusable, nm_error *err) {
+    const char *p = f->path;
+    *reusable = 0;
+    close_id(&f->samples);
+    herr_t cl = H5Fclose(f->fid);
+    f->fid = -1;
+    if (f->shadow_lock_fd >= 0) { // readers may lock it once it is published
+        close(f->shadow_lock_fd);
+        f->shadow_lock_fd = -1;
+    }
+    if (cl < 0) {
+        h5_note();
+        return h5_fail(err, NM_ERR_IO, "%s: cannot close the shadow copy %s", p, f->tmp);
+    }
+    nm_status rc = nm_fsync_path(f->tmp, 0, err);
+    if (rc != NM_OK) return rc;
+    struct stat now;
+    int now_exists = stat(p, &now) == 0;
+    if (!now_exists && errno != ENOENT) return nm_fail(err, NM_ERR_IO, "%s: %s", p, strerror(errno));
+    if (now_exists != f->target_existed || (now_exists && !same_file_state(&now, &f->target_st)))
+        return nm_fail(err, NM_ERR_IO, "%s: %s since this writer last committed to it (another writer?); not "
+                       "replacing it", p, now_exists ? (f->target_existed ? "changed" : "was created") : "was removed");
+    const int keep_prev = now_exists && f->published && !f->attrs_changed;
+    if (keep_prev) {
+        if (unlink(f->prev) != 0 && errno != ENOENT)
+            return nm_fail(err, NM_ERR_IO, "%s: cannot remove %s: %s", p, f->prev, strerror(errno));
+        if (link(p, f->prev) != 0)
+            return nm_fail(err, NM_ERR_IO, "%s: cannot link it to %s: %s", p, f->prev, strerror(errno));
+    }
+    if (rename(f->tmp, p) != 0) {
+        int e = errno;
+        if (keep_prev) unlink(f->prev);
+        return nm_fail(err, NM_ERR_IO, "%s: cannot rename %s over it: %s", p, f->tmp, strerror(e));
+    }
+    *reusable = keep_prev;
+    f->published = 1;
+    f->attrs_changed = 0;
+    f->dirty = 0;
+    if (stat(p, &f->target_st) != 0) return nm_fail(err, NM_ERR_IO, "%s: %s", p, strerror(errno));
+    f->target_existed = 1;
+    return fsync_dir_of(p, err);
+}
+
+// Durable writing, step 2: the next shadow. The previous generation's inode (f->prev, one
+// sample behind) is reused when it is `reusable` and no reader holds it: sample `s` is written
+// into it again. Otherwise, or when anything about the reuse fails, the published file is copied.
+static nm_status prepare_shadow(nm_trace_file *f, int reusable, const nm_trace_sample *s, const char *name,
+                                nm_error *err) {
+    if (reusable) {
+        int fd = open(f->prev, O_RDWR | O_CLOEXEC);
+        if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0 && rename(f->prev, f->tmp) == 0) {
+            f->shadow_lock_fd = fd;
+            nm_error why;
+            if (open_shadow(f, 1, &why) == NM_OK && write_sample_group(f, s, name, &why) == NM_OK) return NM_OK;
+            close_id(&f->samples);
+            close_id(&f->fid);
+            f->broken = 0; // the copy below replaces the shadow whatever state it is in
+            close(f->shadow_lock_fd);
+            f->shadow_lock_fd = -1;
+        } else {
+            if (fd >= 0) close(fd);
+            unlink(f->prev); // a reader keeps it; the name goes
+        }
+    }
+    f->shadow_copies++;
+    nm_status rc = copy_to_shadow(f, err);
+    if (rc == NM_OK) rc = open_shadow(f, 0, err);
+    return rc;
+}
+
+nm_status nm_trace_file_write_sample_at(nm_trace_file *f, const nm_trace_sample *s, int index, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (!f || !s) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_file_write_sample: NULL argument");
+    if (f->broken)
+        return nm_fail(err, NM_ERR_INVALID, "%s: an earlier write to this trace failed; abort it and start again", f->path);
+    if (index < 0 || index >= NM_TRACE_MAX_SAMPLES)
+        return nm_fail(err, NM_ERR_LIMIT, "%s: sample index %d is outside 0..%d (a trace holds at most %d samples)",
+                       f->path, index, NM_TRACE_MAX_SAMPLES - 1, NM_TRACE_MAX_SAMPLES);
+    nm_status rc = check_sample(f, s, err);
+    if (rc != NM_OK) return rc;
+    h5_quiet q;
+    quiet_begin(&q);
+    char name[16];
+    snprintf(name, sizeof name, "%06d", index);
+    htri_t ex = H5Lexists(f->samples, name, H5P_DEFAULT);
+    if (ex != 0) {
+        if (ex < 0) h5_note();
+        rc = ex < 0 ? h5_fail(err, NM_ERR_IO, "%s: cannot look up /samples/%s", f->path, name)
+                    : nm_fail(err, NM_ERR_INVALID, "%s: already holds /samples/%s", f->path, name);
+        goto out;
+    }
+    rc = write_sample_group(f, s, name, err);
+    if (rc != NM_OK) goto out;
+    f->count++;
+    if (index >= f->next) f->next = index + 1;
+    f->dirty = 1;
+    if (f->durable) {
+        int reusable = 0;
+        rc = publish_shadow(f, &reusable, err);
+        if (rc != NM_OK) {
+            f->broken = 1;
+            nm_error_prefix(err, "sample %d not committed", index);
+            goto out;
+        }
+        rc = prepare_shadow(f, reusable, s, name, err);
+        if (rc != NM_OK) {
+            f->broken = 1;
+            nm_error_prefix(err, "sample %d committed, but the writer cannot go on", index);
+        }
+    }
+out:
     quiet_end(&q);
+    return rc;
+}
+
+nm_status nm_trace_file_write_sample(nm_trace_file *f, const nm_trace_sample *s, int *index, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (index) *index = -1;
+    if (!f) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_file_write_sample: NULL argument");
+    if (f->next >= NM_TRACE_MAX_SAMPLES && !f->broken)
+        return nm_fail(err, NM_ERR_LIMIT, "%s: a trace holds at most %d samples", f->path, NM_TRACE_MAX_SAMPLES);
+    int at = f->next;
+    nm_status rc = nm_trace_file_write_sample_at(f, s, at, err);
+    if (rc == NM_OK && index) *index = at;
+    return rc;
+}
+
+// A durable writer's commit: what is not published yet (a new, still empty trace) is published;
+// the shadow and the previous generation's name go.
+static nm_status durable_commit(nm_trace_file *f, nm_error *err) {
+    nm_status rc = NM_OK;
+    if (f->broken) {
+        rc = nm_fail(err, NM_ERR_INVALID, "%s: an earlier write failed; the samples before it are committed", f->path);
+    } else if (f->dirty) {
+        int reusable = 0;
+        rc = publish_shadow(f, &reusable, err);
+    }
+    close_id(&f->samples);
+    close_id(&f->fid);
+    unlink(f->tmp);
+    unlink(f->prev);
+    file_free(f);
     return rc;
 }
 
@@ -1039,6 +1341,11 @@ nm_status nm_trace_file_commit(nm_trace_file *f, nm_error *err) {
     quiet_begin(&q);
     nm_status rc = NM_OK;
     char *dir = NULL;
+    if (f->durable) {
+        rc = durable_commit(f, err);
+        quiet_end(&q);
+        return rc;
+    }
     if (f->broken) {
         rc = nm_fail(err, NM_ERR_INVALID, "%s: an earlier write failed; the trace was not replaced", f->path);
         goto out;
@@ -1109,8 +1416,91 @@ void nm_trace_file_abort(nm_trace_file *f) {
     close_id(&f->samples);
     close_id(&f->fid);
     if (f->tmp) unlink(f->tmp);
+    if (f->prev) unlink(f->prev);
     file_free(f);
     quiet_end(&q);
+}
+
+nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_config *cfg, const char *model_name,
+                             int append, int overwrite, nm_error *err) {
+    return trace_open(out, path, cfg, model_name, append, overwrite, 0, err);
+}
+
+nm_status nm_trace_file_open_durable(nm_trace_file **out, const char *path, const nm_config *cfg,
+                                     const char *model_name, int append, int overwrite, nm_error *err) {
+    return trace_open(out, path, cfg, model_name, append, overwrite, 1, err);
+}
+
+int nm_trace_file_next_index(const nm_trace_file *f) { return f ? f->next : 0; }
+
+int nm_trace_file_broken(const nm_trace_file *f) { return f ? f->broken : 0; }
+
+int nm_trace_file_shadow_copies(const nm_trace_file *f) { return f ? f->shadow_copies : 0; }
+
+int nm_trace_file_has_sample(const nm_trace_file *f, int index) {
+    if (!f || f->samples < 0 || index < 0 || index >= NM_TRACE_MAX_SAMPLES) return 0;
+    char name[16];
+    snprintf(name, sizeof name, "%06d", index);
+    h5_quiet q;
+    quiet_begin(&q);
+    htri_t ex = H5Lexists(f->samples, name, H5P_DEFAULT);
+    quiet_end(&q);
+    return ex > 0;
+}
+
+// Replaces a root attribute (deleting an older one of any type first).
+static int replace_root_attr(hid_t fid, const char *name) {
+    htri_t ex = H5Aexists(fid, name);
+    if (ex < 0) return h5_note(), -1;
+    if (ex > 0 && !H5OK(H5Adelete(fid, name))) return -1;
+    return 0;
+}
+
+nm_status nm_trace_file_set_batch(nm_trace_file *f, const nm_trace_batch *b, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (!f || !b) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_file_set_batch: NULL argument");
+    if (f->broken) return nm_fail(err, NM_ERR_INVALID, "%s: an earlier write to this trace failed", f->path);
+    h5_quiet q;
+    quiet_begin(&q);
+    int ok = replace_root_attr(f->fid, "batch_key") == 0 && put_attr_str(f->fid, "batch_key", b->key) == 0 &&
+             replace_root_attr(f->fid, "batch_first_sample") == 0 &&
+             put_attr_int(f->fid, "batch_first_sample", b->first_sample) == 0 &&
+             replace_root_attr(f->fid, "batch_pairs") == 0 && put_attr_int(f->fid, "batch_pairs", b->n_pairs) == 0;
+    nm_status rc = NM_OK;
+    if (!ok) {
+        f->broken = 1;
+        rc = h5_fail(err, NM_ERR_IO, "%s: cannot record the batch in the root attributes", f->path);
+    }
+    f->dirty = 1;
+    f->attrs_changed = 1;
+    quiet_end(&q);
+    return rc;
+}
+
+nm_status nm_trace_file_get_batch(const nm_trace_file *f, nm_trace_batch *b, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (!f || !b) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_file_get_batch: NULL argument");
+    memset(b, 0, sizeof *b);
+    h5_quiet q;
+    quiet_begin(&q);
+    char *key = NULL;
+    nm_status rc = NM_OK;
+    int r = get_attr_str(f->fid, "batch_key", &key, f->path, err);
+    if (r > 0) {
+        snprintf(b->key, sizeof b->key, "%s", key);
+        if (get_attr_int(f->fid, "batch_first_sample", &b->first_sample, f->path, err) <= 0 ||
+            get_attr_int(f->fid, "batch_pairs", &b->n_pairs, f->path, err) <= 0 || b->first_sample < 0 ||
+            b->n_pairs < 0)
+            rc = nm_fail(err, NM_ERR_FORMAT, "%s: root attribute batch_key without valid batch_first_sample and "
+                         "batch_pairs", f->path);
+    } else if (r < 0) {
+        rc = err->code;
+    }
+    free(key);
+    quiet_end(&q);
+    return rc;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1373,27 +1763,19 @@ static nm_status read_sample_attrs(const sample_ctx *x, nm_trace_sample *s, int 
     return NM_OK;
 }
 
-nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, nm_error *err) {
-    nm_error local;
-    if (!err) err = &local;
-    if (!s || !path) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_read_sample: NULL argument");
+// Reads sample `index` from the open /samples group `grp` of `path` (root attributes in info,
+// `count` samples). Called with errors quieted.
+static nm_status read_sample_in(nm_trace_sample *s, const char *path, hid_t grp, const nm_trace_info *info, int count,
+                                int index, nm_error *err) {
     memset(s, 0, sizeof *s);
-    h5_quiet q;
-    quiet_begin(&q);
-    hid_t fid = -1, grp = -1, g = -1;
+    hid_t g = -1;
     enum { D_ID, D_TEXT, D_MOD, D_SEG, D_PATCH, D_NREAL, D_SLOT, D_PROB, D_GATE, D_NULL, D_LSE, D_COUNT };
     hid_t ds[D_COUNT];
     for (int i = 0; i < D_COUNT; i++) ds[i] = -1;
-    nm_trace_info info;
-    int count = 0;
     char sname[256] = "";
     nm_trace_sample tmp;
     memset(&tmp, 0, sizeof tmp);
-
-    nm_status rc = open_read(&fid, path, err);
-    if (rc == NM_OK) rc = read_root(fid, path, &info, err);
-    if (rc == NM_OK) rc = open_samples(fid, path, &grp, &count, err);
-    if (rc != NM_OK) goto out;
+    nm_status rc = NM_OK;
     if (index < 0 || index >= count) {
         rc = nm_fail(err, NM_ERR_INVALID, "%s: sample %d does not exist (the trace holds %d sample%s)", path, index,
                      count, count == 1 ? "" : "s");
@@ -1411,7 +1793,7 @@ nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, 
         goto out;
     }
     const sample_ctx x = {path, sname, g};
-    const long long L = info.cfg.num_layers, K = info.cfg.moe.top_k;
+    const long long L = info->cfg.num_layers, K = info->cfg.moe.top_k;
 
     // Shapes first, all of them, before anything is allocated.
     long long dT[1] = {-1};
@@ -1481,7 +1863,7 @@ nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, 
                 goto out;
             }
     }
-    rc = validate_sample(&x, &tmp, info.cfg.moe.num_experts, err);
+    rc = validate_sample(&x, &tmp, info->cfg.moe.num_experts, err);
     if (rc != NM_OK) goto out;
     *s = tmp;
     memset(&tmp, 0, sizeof tmp);
@@ -1492,8 +1874,75 @@ out:
     nm_trace_sample_free(&tmp);
     for (int i = 0; i < D_COUNT; i++) close_id(&ds[i]);
     close_id(&g);
-    close_id(&grp);
-    close_id(&fid);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A reader that keeps one file open: all its reads see one committed state of the trace.
+
+struct nm_trace_reader {
+    char *path;
+    hid_t fid, samples;
+    nm_trace_info info;
+};
+
+void nm_trace_reader_close(nm_trace_reader *r) {
+    if (!r) return;
+    h5_quiet q;
+    quiet_begin(&q);
+    close_id(&r->samples);
+    close_id(&r->fid);
     quiet_end(&q);
+    free(r->path);
+    free(r);
+}
+
+nm_status nm_trace_reader_open(nm_trace_reader **out, const char *path, nm_trace_info *info, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (out) *out = NULL;
+    if (!out || !path) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_reader_open: NULL argument");
+    nm_trace_reader *r = calloc(1, sizeof *r);
+    if (!r) return NM_NOMEM(err, "a trace reader");
+    r->fid = r->samples = -1;
+    if (!(r->path = strdup(path))) {
+        free(r);
+        return NM_NOMEM(err, "a path");
+    }
+    h5_quiet q;
+    quiet_begin(&q);
+    nm_status rc = open_read(&r->fid, path, err);
+    if (rc == NM_OK) rc = read_root(r->fid, path, &r->info, err);
+    if (rc == NM_OK) rc = open_samples(r->fid, path, &r->samples, &r->info.num_samples, err);
+    quiet_end(&q);
+    if (rc != NM_OK) {
+        nm_trace_reader_close(r);
+        return rc;
+    }
+    if (info) *info = r->info;
+    *out = r;
+    return NM_OK;
+}
+
+nm_status nm_trace_reader_read_sample(nm_trace_reader *r, nm_trace_sample *s, int index, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (!r || !s) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_reader_read_sample: NULL argument");
+    h5_quiet q;
+    quiet_begin(&q);
+    nm_status rc = read_sample_in(s, r->path, r->samples, &r->info, r->info.num_samples, index, err);
+    quiet_end(&q);
+    return rc;
+}
+
+nm_status nm_trace_read_sample(nm_trace_sample *s, const char *path, int index, nm_error *err) {
+    nm_error local;
+    if (!err) err = &local;
+    if (!s || !path) return nm_fail(err, NM_ERR_INTERNAL, "nm_trace_read_sample: NULL argument");
+    memset(s, 0, sizeof *s);
+    nm_trace_reader *r = NULL;
+    nm_status rc = nm_trace_reader_open(&r, path, NULL, err);
+    if (rc == NM_OK) rc = nm_trace_reader_read_sample(r, s, index, err);
+    nm_trace_reader_close(r);
     return rc;
 }

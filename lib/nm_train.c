@@ -282,6 +282,26 @@ static long checkpoint_below(const char *dir, long below) {
     return best;
 }
 
+// What a killed run leaves in its directory: unfinished checkpoints (ckpt-NNNNNNN.tmp-<pid>) and
+// log rewrites (log.csv.tmp-<pid>). A run never reads them; --resume removes them (best effort).
+static void remove_stale_temporaries(const char *dir) {
+    for (int found = 1; found;) { // one entry per pass: the directory changes under readdir
+        found = 0;
+        DIR *d = opendir(dir);
+        if (!d) return;
+        struct dirent *e;
+        char *victim = NULL;
+        while (!victim && (e = readdir(d)))
+            if ((!strncmp(e->d_name, CKPT_PREFIX, strlen(CKPT_PREFIX)) || !strncmp(e->d_name, "log.csv", 7)) &&
+                strstr(e->d_name, ".tmp-"))
+                victim = nm_path_join(dir, e->d_name);
+        closedir(d);
+        nm_error ignored;
+        if (victim && nm_remove_tree(victim, &ignored) == NM_OK) found = 1;
+        free(victim);
+    }
+}
+
 static nm_status write_state(const char *path, const trainer *tr, double loss, nm_error *err) {
     json_t *j = json_pack("{sssisIsosfss}", "format", "nullmap-train-state", "format_version", 1, "step",
                           (json_int_t)tr->step, "train", train_config_json(&tr->tc), "loss", loss, "data",
@@ -508,6 +528,7 @@ static nm_status setup(trainer *tr, nm_error *err) {
         if (newest < 0)
             return nm_fail(err, NM_ERR_IO, "%s: no checkpoint to resume from (ckpt-NNNNNNN directories)", o->out_dir);
         if ((s = load_checkpoint(tr, newest, err)) != NM_OK) return s;
+        remove_stale_temporaries(o->out_dir);
     } else if (newest >= 0) {
         return nm_fail(err, NM_ERR_INVALID, "%s already holds a training run (checkpoint of step %ld); continue it with "
                        "--resume or choose another --out", o->out_dir, newest);

@@ -69,7 +69,7 @@ expect 0 "$NULLMAP" run --help
 contains "$LAST_OUT" --model --prompt --image --out --max-new-tokens --append --force --quiet
 ok "run --help lists its options"
 expect 0 "$NULLMAP" batch --help
-contains "$LAST_OUT" --model --pairs --out --max-new-tokens --append --force --skip-bad
+contains "$LAST_OUT" --model --pairs --out --max-new-tokens --append --force --skip-bad --resume --verbose
 ok "batch --help lists its options"
 expect 0 "$NULLMAP" info --help
 contains "$LAST_OUT" "usage: nullmap info" --samples
@@ -236,6 +236,88 @@ ok "batch: 3 pairs (comment, blank and text-only lines), progress on stderr, 3 s
 expect 0 "$NULLMAP" batch --model model --pairs pairs.tsv --out batch.h5 --max-new-tokens 0 --append
 [ "$(n_samples batch.h5)" = 6 ] || fail "batch --append --max-new-tokens 0 does not give 6 samples"
 ok "batch --append with --max-new-tokens 0: 6 samples"
+
+# ---- batch: crash safety, --resume, concurrent readers (the long version: tests/kill_test.sh) ----
+HAVE_H5PY=0
+/usr/bin/python3 -c "import h5py, numpy" >/dev/null 2>&1 && HAVE_H5PY=1
+CHECK="/usr/bin/python3 $SRC/tests/trace_check.py"
+for i in $(seq 0 39); do
+    if [ $((i % 3)) = 2 ]; then printf -- '-\tText question number %d?\n' "$i"; else printf 'pic.png\tPicture question %d?\n' "$i"; fi
+done >pairs40.tsv
+expect 0 "$NULLMAP" batch --model model --pairs pairs40.tsv --out whole.h5 --max-new-tokens 3
+"$NULLMAP" batch --model model --pairs pairs40.tsv --out cut.h5 --max-new-tokens 3 --verbose >cut.log 2>/dev/null &
+pid=$!
+for _ in $(seq 1 500); do # kill it once it has committed 5 samples (at most ~5 s)
+    [ "$(grep -c '^committed sample' cut.log)" -ge 5 ] && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.01
+done
+kill -9 $pid 2>/dev/null || fail "the batch finished before it could be killed"
+{ wait $pid; } 2>/dev/null || true
+mapfile -t committed < <(sed -n 's/^committed sample \([0-9]\{6\}\) .*/\1/p' cut.log)
+n_cut=$(n_samples cut.h5)
+[ "${#committed[@]}" -ge 5 ] && [ "$n_cut" -ge "${#committed[@]}" ] && [ "$n_cut" -le $((${#committed[@]} + 1)) ] ||
+    fail "after the kill cut.h5 holds $n_cut samples; ${#committed[@]} were reported committed"
+if [ $HAVE_H5PY = 1 ]; then
+    $CHECK intact cut.h5 "${committed[@]}" >"$LAST_OUT" 2>"$LAST_ERR" || fail "h5py: samples lost or damaged by the kill"
+fi
+expect 0 "$NULLMAP" report cut.h5 --out cut_report
+ok "batch killed (SIGKILL) after ${#committed[@]} commits: every committed sample reads back (info, report$([ $HAVE_H5PY = 1 ] && echo ', h5py'))"
+cp pairs40.tsv pairs40_edited.tsv
+printf -- '-\tOne more.\n' >>pairs40_edited.tsv
+expect 1 "$NULLMAP" batch --model model --pairs pairs40_edited.tsv --out cut.h5 --max-new-tokens 3 --resume
+contains "$LAST_ERR" "cut.h5" "another model, pair list or --max-new-tokens"
+expect 1 "$NULLMAP" batch --model model --pairs pairs40.tsv --out cut.h5 --max-new-tokens 4 --resume
+expect 1 "$NULLMAP" batch --model model_other --pairs pairs40.tsv --out cut.h5 --max-new-tokens 3 --resume
+[ "$(n_samples cut.h5)" = "$n_cut" ] || fail "a refused --resume changed the trace"
+ok "batch --resume with another pair list, --max-new-tokens or model is refused (exit 1), trace untouched"
+expect 0 "$NULLMAP" batch --model model --pairs pairs40.tsv --out cut.h5 --max-new-tokens 3 --resume
+contains "$LAST_OUT" "$n_cut committed by the interrupted run" "(40 in the file"
+ls cut.h5.* >/dev/null 2>&1 && fail "leftovers beside cut.h5: $(ls cut.h5.*)"
+if [ $HAVE_H5PY = 1 ]; then
+    $CHECK equal cut.h5 whole.h5 >"$LAST_OUT" 2>"$LAST_ERR" || fail "the resumed trace differs from an uninterrupted run"
+    ok "batch --resume finishes the trace: equal (h5py, bit for bit) to an uninterrupted run, no leftovers"
+else
+    [ "$(n_samples cut.h5)" = 40 ] || fail "the resumed trace does not hold 40 samples"
+    ok "batch --resume finishes the trace: 40 samples, no leftovers"
+fi
+sed 's/^pic.png\tPicture question 7?$/missing.png\tPicture question 7?/' pairs40.tsv >pairs40_bad.tsv
+expect 3 "$NULLMAP" batch --model model --pairs pairs40_bad.tsv --out bad.h5 --max-new-tokens 3
+contains "$LAST_ERR" "pairs40_bad.tsv:8" "missing.png" "kept in bad.h5: 7 samples committed before the error" "--resume"
+[ "$(n_samples bad.h5)" = 7 ] || fail "the samples before the bad pair were not kept"
+cp pic.png missing.png
+expect 0 "$NULLMAP" batch --model model --pairs pairs40_bad.tsv --out bad.h5 --max-new-tokens 3 --resume
+[ "$(n_samples bad.h5)" = 40 ] || fail "--resume after fixing the bad pair does not give 40 samples"
+ok "batch: a bad pair stops the batch (exit 3), the 7 samples before it stay; --resume after the fix completes it"
+# A reader while the batch writes: every read is one committed state (or a clear refusal).
+cat pairs40.tsv pairs40.tsv >pairs80.tsv
+"$NULLMAP" batch --model model --pairs pairs80.tsv --out live.h5 --max-new-tokens 3 >live.out 2>live.err &
+pid=$!
+reads=0
+while kill -0 $pid 2>/dev/null; do
+    [ -e live.h5 ] || continue
+    got=0
+    "$NULLMAP" info live.h5 >"$LAST_OUT" 2>"$LAST_ERR" || got=$?
+    [ $got = 0 ] || { [ $got = 3 ] && grep -q "locked by a process that is changing it" "$LAST_ERR"; } ||
+        fail "nullmap info on a trace being written: exit $got"
+    if [ $HAVE_H5PY = 1 ] && [ $((reads % 4)) = 0 ]; then
+        /usr/bin/python3 -c "
+import sys, h5py
+try:
+    f = h5py.File('live.h5', 'r')
+except OSError as e:
+    sys.exit(0 if 'unable to lock' in str(e) else 1)
+with f:
+    names = sorted(f['samples'])
+    assert names == ['%06d' % i for i in range(len(names))], names[:5]
+    for n in names: f['samples'][n]['routing/slot'][()]
+" >>"$LAST_OUT" 2>"$LAST_ERR" || fail "h5py on a trace being written"
+    fi
+    reads=$((reads + 1))
+done
+wait $pid || fail "the batch under readers failed"
+[ "$(n_samples live.h5)" = 80 ] || fail "the batch under readers does not hold 80 samples"
+ok "readers of a trace being written ($reads reads by nullmap info$([ $HAVE_H5PY = 1 ] && echo ' and h5py')) see one committed state"
 
 # ---- the trace's invariants with h5py ----
 if /usr/bin/python3 -c "import h5py, numpy" >/dev/null 2>&1; then
@@ -406,15 +488,18 @@ contains "$LAST_OUT" "stopped after step 4"
 [ "$(wc -l < run/log.csv)" = 5 ] || fail "train: log.csv should hold a header and 4 rows"
 expect 1 "$NULLMAP" train --config train.json --data dset --out run
 contains "$LAST_ERR" "already holds a training run" "--resume"
+mkdir run/ckpt-0000005.tmp-99999 # what a killed run leaves: an unfinished checkpoint, a log rewrite
+touch run/ckpt-0000005.tmp-99999/model.safetensors run/log.csv.tmp-99999
 expect 0 "$NULLMAP" train --config train.json --data dset --out run --resume --final-dtype bf16
 contains "$LAST_OUT" "trained: run/final"
+ls run | grep -q 'tmp-' && fail "train --resume left temporaries of a killed run: $(ls run)"
 [ "$(wc -l < run/log.csv)" = 7 ] || fail "train --resume: log.csv should hold a header and 6 rows"
 head -1 run/log.csv | grep -q '^step,lr,loss,ce,ce_answer,ce_prompt,l_bal,l_z,null_slot_ratio,zero_compute_ratio,' ||
     fail "train: log.csv header"
 expect 0 "$NULLMAP" info run/final
 contains "$LAST_OUT" "BF16"
 expect 0 "$NULLMAP" run --model run/final --image "$IMAGE" --prompt "What colour?" --max-new-tokens 3 --out out_trained --no-render
-ok "train: --stop-after, refusal without --resume, --resume to the end, log.csv, a final model that runs"
+ok "train: --stop-after, refusal without --resume, --resume to the end (removing a killed run's temporaries), log.csv, a final model that runs"
 sed 's/"steps": 6/"stepz": 6/' train.json >train_typo.json
 expect 1 "$NULLMAP" train --config train_typo.json --data dset --out run_typo
 contains "$LAST_ERR" "train_typo.json" "unknown key train.stepz"

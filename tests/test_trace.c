@@ -3,10 +3,12 @@
 // reader's validation of files written by other programs (built here with the HDF5 C API).
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1060,6 +1062,213 @@ START_TEST(test_foreign_writer) {
 }
 END_TEST
 
+// ---------------------------------------------------------------------------------------------
+// Durable writing (nm_trace_file_open_durable): every sample committed as it is written
+
+static int trace_count(const char *path) {
+    nm_trace_info info;
+    nm_error err;
+    ck_assert_msg(nm_trace_read_info(&info, path, &err) == NM_OK, "%s", err.msg);
+    return info.num_samples;
+}
+
+// Each write is committed: the published file holds it before the next write, the writer's
+// companions are there while it runs and gone after commit; a reader that keeps the trace open
+// keeps its state while the writer goes on (the writer copies instead of reusing that file).
+START_TEST(test_durable_commits_each_sample) {
+    char *dir = nm_test_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s", nm_test_path(dir, "trace.h5"));
+    nm_config c;
+    nm_trace_sample s[3];
+    three_samples(s, &c, 901);
+    nm_trace_file *f = NULL;
+    nm_error err;
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 0, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_ne(access(path, F_OK), 0); // nothing committed yet
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[0], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(trace_count(path), 1);
+    ck_assert_int_eq(count_entries(dir, NULL), 3); // trace.h5, .shadow, .lock
+    ck_assert_int_eq(count_entries(dir, ".shadow"), 1);
+    ck_assert_int_eq(nm_trace_file_shadow_copies(f), 1); // the first commit's shadow is a copy
+
+    nm_trace_reader *r = NULL;
+    nm_trace_info info;
+    ck_assert_msg(nm_trace_reader_open(&r, path, &info, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(info.num_samples, 1);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[1], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(nm_trace_file_shadow_copies(f), 2); // the reader holds the old file
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[2], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(nm_trace_file_shadow_copies(f), 2); // the previous file is free: reused
+    ck_assert_int_eq(trace_count(path), 3);
+    nm_trace_sample got;
+    ck_assert_msg(nm_trace_reader_read_sample(r, &got, 0, &err) == NM_OK, "%s", err.msg);
+    assert_samples_equal(&s[0], &got);
+    nm_trace_sample_free(&got);
+    ck_assert_int_eq(nm_trace_reader_read_sample(r, &got, 1, &err), NM_ERR_INVALID); // its state: 1 sample
+    nm_trace_reader_close(r);
+
+    ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(count_entries(dir, NULL), 1);
+    for (int i = 0; i < 3; i++) assert_read_equal(path, i, &s[i]);
+    assert_no_open_ids();
+    free_samples(s, 3);
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+// Abort keeps what is committed; a second writer is refused; the batch record and indices.
+START_TEST(test_durable_abort_resume_and_batch) {
+    char *dir = nm_test_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s", nm_test_path(dir, "trace.h5"));
+    nm_config c;
+    nm_trace_sample s[3];
+    three_samples(s, &c, 902);
+    nm_trace_file *f = NULL, *g = NULL;
+    nm_error err;
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 0, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(nm_trace_file_open_durable(&g, path, &c, "m", 1, 0, &err), NM_ERR_IO);
+    ck_assert_msg(strstr(err.msg, "another process is writing"), "%s", err.msg);
+    ck_assert_ptr_null(g);
+    nm_trace_batch b = {.key = "fnv1a64:0123", .first_sample = 0, .n_pairs = 5}, got;
+    ck_assert_msg(nm_trace_file_set_batch(f, &b, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample_at(f, &s[0], 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample_at(f, &s[1], 3, &err) == NM_OK, "%s", err.msg); // 1, 2 skipped
+    ck_assert_int_eq(nm_trace_file_write_sample_at(f, &s[2], 3, &err), NM_ERR_INVALID);
+    ck_assert_int_eq(nm_trace_file_broken(f), 0);
+    nm_trace_file_abort(f); // as a bad pair would: the committed samples stay
+    ck_assert_int_eq(count_entries(dir, NULL), 1);
+    ck_assert_int_eq(trace_count(path), 2);
+
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 1, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_get_batch(f, &got, &err) == NM_OK, "%s", err.msg);
+    ck_assert_str_eq(got.key, b.key);
+    ck_assert_int_eq(got.first_sample, 0);
+    ck_assert_int_eq(got.n_pairs, 5);
+    ck_assert(nm_trace_file_has_sample(f, 0) && !nm_trace_file_has_sample(f, 1) && nm_trace_file_has_sample(f, 3));
+    ck_assert_int_eq(nm_trace_file_next_index(f), 4);
+    ck_assert_msg(nm_trace_file_write_sample_at(f, &s[2], 1, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+    assert_read_equal(path, 0, &s[0]); // name order: 000000, 000001, 000003
+    assert_read_equal(path, 1, &s[2]);
+    assert_read_equal(path, 2, &s[1]);
+    ck_assert_int_eq(count_entries(dir, NULL), 1);
+    assert_no_open_ids();
+    free_samples(s, 3);
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+// --force and --append on an existing trace: the old file is never the next shadow (it is not
+// one sample behind), so the batch record and the replaced contents are right after more commits.
+START_TEST(test_durable_force_and_append) {
+    char *dir = nm_test_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s", nm_test_path(dir, "trace.h5"));
+    nm_config c;
+    nm_trace_sample s[3];
+    three_samples(s, &c, 905);
+    write_trace(path, &c, s, 3);
+    nm_trace_file *f = NULL;
+    nm_error err;
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 0, 1, &err) == NM_OK, "%s", err.msg); // --force
+    ck_assert_int_eq(trace_count(path), 3); // replaced at the first commit
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[2], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[1], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[0], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(trace_count(path), 3);
+    ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+    for (int i = 0; i < 3; i++) assert_read_equal(path, i, &s[2 - i]);
+
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 1, 0, &err) == NM_OK, "%s", err.msg); // --append
+    nm_trace_batch b = {.key = "fnv1a64:abcd", .first_sample = 3, .n_pairs = 2}, got;
+    ck_assert_msg(nm_trace_file_set_batch(f, &b, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[0], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[1], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[2], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(nm_trace_file_shadow_copies(f), 1); // the first commit's; then reuse
+    nm_trace_file_abort(f);
+    ck_assert_int_eq(trace_count(path), 6);
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 1, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_get_batch(f, &got, &err) == NM_OK, "%s", err.msg);
+    ck_assert_str_eq(got.key, b.key);
+    ck_assert_int_eq(got.first_sample, 3);
+    nm_trace_file_abort(f);
+    for (int i = 0; i < 3; i++) assert_read_equal(path, 3 + i, &s[i]);
+    ck_assert_int_eq(count_entries(dir, NULL), 1);
+    assert_no_open_ids();
+    free_samples(s, 3);
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+// What a kill leaves (a torn shadow, a .prev link, a stale lock file) is cleaned up by the next
+// writer; the published trace is intact. Empty durable traces are published on commit.
+START_TEST(test_durable_crash_leftovers) {
+    char *dir = nm_test_tmpdir();
+    char path[4096], shadow[4200], prev[4200], lock[4200];
+    snprintf(path, sizeof path, "%s", nm_test_path(dir, "trace.h5"));
+    snprintf(shadow, sizeof shadow, "%s.shadow", path);
+    snprintf(prev, sizeof prev, "%s.prev", path);
+    snprintf(lock, sizeof lock, "%s.lock", path);
+    nm_config c;
+    nm_trace_sample s[3];
+    three_samples(s, &c, 903);
+    write_trace(path, &c, s, 2);
+    ck_assert_int_eq(nm_test_write_file(shadow, "torn", 4), 0);
+    ck_assert_int_eq(link(path, prev), 0);
+    ck_assert_int_eq(nm_test_write_file(lock, "", 0), 0);
+    nm_trace_file *f = NULL;
+    nm_error err;
+    ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 1, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(nm_trace_file_num_samples(f), 2);
+    ck_assert_msg(nm_trace_file_write_sample(f, &s[2], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(count_entries(dir, NULL), 1);
+    for (int i = 0; i < 3; i++) assert_read_equal(path, i, &s[i]);
+
+    const char *empty = nm_test_path(dir, "empty.h5");
+    ck_assert_msg(nm_trace_file_open_durable(&f, empty, &c, "m", 0, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(trace_count(empty), 0);
+    ck_assert_int_eq(count_entries(dir, NULL), 2);
+    assert_no_open_ids();
+    free_samples(s, 3);
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+// A reader whose open meets the lock of a writer that is changing the file retries, then gives
+// a clear message.
+START_TEST(test_reader_meets_writer_lock) {
+    char *dir = nm_test_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s", nm_test_path(dir, "trace.h5"));
+    nm_config c;
+    nm_trace_sample s[3];
+    three_samples(s, &c, 904);
+    write_trace(path, &c, s, 1);
+    int fd = open(path, O_RDWR);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(flock(fd, LOCK_EX | LOCK_NB), 0);
+    nm_trace_info info;
+    nm_error err;
+    ck_assert_int_eq(nm_trace_read_info(&info, path, &err), NM_ERR_IO);
+    ck_assert_msg(strstr(err.msg, "locked by a process that is changing it"), "%s", err.msg);
+    close(fd);
+    ck_assert_int_eq(trace_count(path), 1);
+    assert_no_open_ids();
+    free_samples(s, 3);
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 NM_TEST_SUITE(trace) {
     Suite *s = suite_create("trace");
     TCase *tc = tcase_create("write");
@@ -1085,5 +1294,13 @@ NM_TEST_SUITE(trace) {
     tcase_add_test(rd, test_future_version);
     tcase_add_test(rd, test_foreign_writer);
     suite_add_tcase(s, rd);
+    TCase *du = tcase_create("durable");
+    tcase_set_timeout(du, 60);
+    tcase_add_test(du, test_durable_commits_each_sample);
+    tcase_add_test(du, test_durable_abort_resume_and_batch);
+    tcase_add_test(du, test_durable_force_and_append);
+    tcase_add_test(du, test_durable_crash_leftovers);
+    tcase_add_test(du, test_reader_meets_writer_lock);
+    suite_add_tcase(s, du);
     return s;
 }

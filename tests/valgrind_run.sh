@@ -3,8 +3,9 @@
 # or any definite/indirect leak (make valgrind).
 #
 # Covers the whole life of a run: init a small vision model, `run` with an image and
-# --max-new-tokens 4, `run --append` text-only, `batch`, `info` on the model and on the trace,
-# failing runs (a corrupt image, a bad model) whose error paths must free everything too, and
+# --max-new-tokens 4, `run --append` text-only, `batch` (stopped by a bad pair, resumed),
+# `info` on the model and on the trace, `report`, failing runs (a corrupt image, a bad model)
+# whose error paths must free everything too, and
 # training (data, a stopped and a resumed run, a refused start) and eval.
 # OMP_NUM_THREADS=1 and OMP_WAIT_POLICY=PASSIVE keep the OpenMP/OpenBLAS pools small and quiet.
 # Suppressions: tests/valgrind.supp, for third-party one-time allocations only (see the file).
@@ -95,6 +96,14 @@ head -c 5000 model/model.safetensors >broken/model.safetensors
 vg 1 info-bad-model info broken
 printf 'not hdf5\n' >not.h5
 vg 1 info-not-hdf5 info not.h5
+
+# Durable batches: the bad pair above left bad.h5 with its first sample; --resume after the fix
+# finishes it; --resume of a finished batch has nothing to do; report reads with one open file.
+cp img.png bad.png
+vg 0 batch-resume batch --model model --pairs bad_pairs.tsv --out bad.h5 --max-new-tokens 1 --resume --verbose
+vg 0 batch-resume-done batch --model model --pairs bad_pairs.tsv --out bad.h5 --max-new-tokens 1 --resume
+vg 1 batch-resume-other batch --model model --pairs pairs.tsv --out bad.h5 --max-new-tokens 1 --resume
+vg 0 report report bad.h5 batch.h5 --out rep
 
 # Training and evaluation: a tiny data set, a run stopped after step 2, resumed to the end,
 # a diverging resume, an eval with its JSON.

@@ -52,15 +52,19 @@ static int info_trace(const char *path, int all) {
     nm_trace_info ti;
     nm_metrics met = {0};
     int rc = EXIT_OK;
-    if (nm_trace_read_info(&ti, path, &err) != NM_OK) return cli_report("info", &err);
+    nm_trace_reader *rd = NULL; // one open file: one committed state, also while a batch writes
+    if (nm_trace_reader_open(&rd, path, &ti, &err) != NM_OK) return cli_report("info", &err);
     printf("trace %s  (format version %d, written by %s)\n", path, ti.format_version, ti.created_by);
     printf("  model %s\n", ti.model_name[0] ? ti.model_name : "(not recorded)");
     print_config(&ti.cfg);
     printf("  %d sample%s\n", ti.num_samples, ti.num_samples == 1 ? "" : "s");
-    if (nm_metrics_init(&met, ti.cfg.num_layers, ti.cfg.moe.top_k, &err) != NM_OK) return cli_report("info", &err);
+    if (nm_metrics_init(&met, ti.cfg.num_layers, ti.cfg.moe.top_k, &err) != NM_OK) {
+        nm_trace_reader_close(rd);
+        return cli_report("info", &err);
+    }
     for (int i = 0; i < ti.num_samples; i++) {
         nm_trace_sample s;
-        if (nm_trace_read_sample(&s, path, i, &err) != NM_OK) {
+        if (nm_trace_reader_read_sample(rd, &s, i, &err) != NM_OK) {
             rc = cli_report("info", &err);
             break;
         }
@@ -86,6 +90,7 @@ static int info_trace(const char *path, int all) {
         cli_print_summary(&met, stdout);
     }
     nm_metrics_free(&met);
+    nm_trace_reader_close(rd);
     return rc;
 }
 
