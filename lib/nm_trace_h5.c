@@ -13,6 +13,7 @@
 #include "nm_trace.h"
 
 #include "nm_fileutil.h"
+#include "nm_h5_guard.h"
 #include "nm_limits.h"
 
 #include <hdf5.h>
@@ -454,6 +455,9 @@ static nm_status open_read(hid_t *fid, const char *path, nm_error *err) {
     struct stat st;
     if (stat(path, &st) != 0) return nm_fail(err, NM_ERR_IO, "%s: %s", path, strerror(errno));
     if (!S_ISREG(st.st_mode)) return nm_fail(err, NM_ERR_IO, "%s: not a regular file", path);
+    // libhdf5 1.10.8 crashes or hangs on some corrupt global heaps: check them first.
+    nm_status guard = nm_h5_check_global_heaps(path, err);
+    if (guard != NM_OK) return guard;
     hid_t fapl = make_fapl();
     if (fapl < 0) return h5_fail(err, NM_ERR_INTERNAL, "%s: cannot set up HDF5 file access", path);
     *fid = H5Fopen(path, H5F_ACC_RDONLY, fapl);
