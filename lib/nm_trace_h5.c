@@ -13,6 +13,7 @@
 #include "nm_trace.h"
 
 #include "nm_fileutil.h"
+#include "nm_h5_guard.h"
 #include "nm_limits.h"
 
 #include <hdf5.h>
@@ -456,6 +457,9 @@ static nm_status open_read(hid_t *fid, const char *path, nm_error *err) {
     struct stat st;
     if (stat(path, &st) != 0) return nm_fail(err, NM_ERR_IO, "%s: %s", path, strerror(errno));
     if (!S_ISREG(st.st_mode)) return nm_fail(err, NM_ERR_IO, "%s: not a regular file", path);
+    // libhdf5 1.10.8 crashes or hangs on some corrupt global heaps: check them first.
+    nm_status guard = nm_h5_check_global_heaps(path, err);
+    if (guard != NM_OK) return guard;
     hid_t fapl = make_fapl();
     if (fapl < 0) return h5_fail(err, NM_ERR_INTERNAL, "%s: cannot set up HDF5 file access", path);
     // A durable writer (nullmap batch) locks an inode that it took out of `path` just after this
@@ -847,6 +851,9 @@ static nm_status trace_open(nm_trace_file **out, const char *path, const nm_conf
             rc = nm_fail(err, NM_ERR_FORMAT, "%s: exists and is not an HDF5 file; refusing to overwrite it", p);
             goto out;
         }
+        // Appending opens it and overwriting probes it: libhdf5 1.10 crashes or hangs on some
+        // corrupt global heaps (lib/nm_h5_guard.h), so check them before either.
+        if ((rc = nm_h5_check_global_heaps(p, err)) != NM_OK) goto out;
         if (!append) { // overwrite: only ever replace a nullmap trace (of any version), never other HDF5
             if (!H5OK(fapl = make_fapl()) || !H5OK(probe = H5Fopen(p, H5F_ACC_RDONLY, fapl))) {
                 rc = h5_fail(err, NM_ERR_FORMAT,

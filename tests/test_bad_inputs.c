@@ -102,8 +102,10 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-// argv[0] is replaced by the nullmap binary. as_limit > 0 caps the child's address space.
-static run_result run_nullmap(const char *const *args, const char *out_path, const char *err_path, long long as_limit) {
+// argv[0] is replaced by the nullmap binary. as_limit > 0 caps the child's address space;
+// timeout_s > 0 replaces the default deadline (cmd_timeout_s).
+static run_result run_nullmap(const char *const *args, const char *out_path, const char *err_path, long long as_limit,
+                              int timeout_s) {
     const char *argv[64];
     int n = 0;
     argv[n++] = nullmap_bin();
@@ -135,7 +137,7 @@ static run_result run_nullmap(const char *const *args, const char *out_path, con
         dprintf(2, "exec %s: %s\n", argv[0], strerror(errno));
         _exit(127);
     }
-    double deadline = t0 + cmd_timeout_s();
+    double deadline = t0 + (timeout_s > 0 ? timeout_s : cmd_timeout_s());
     int status = 0;
     for (;;) {
         pid_t w = waitpid(pid, &status, WNOHANG);
@@ -165,7 +167,7 @@ static run_result run_nullmap(const char *const *args, const char *out_path, con
 // Runs a setup step that must succeed.
 static void run_ok(const char *work, const char *const *args) {
     char *o = xasprintf("%s/../setup.out", work), *e = xasprintf("%s/../setup.err", work);
-    run_result r = run_nullmap(args, o, e, 0);
+    run_result r = run_nullmap(args, o, e, 0, 0);
     if (!(r.exited && r.code == 0)) {
         size_t n;
         uint8_t *msg = (uint8_t *)nm_test_read_file(e, &n);
@@ -859,9 +861,24 @@ static void copy_fuzz_input(const char *w, const char *rel, const char *dst) {
     free(src);
 }
 // One size byte of a global-heap object changed: libhdf5 1.10.8 memcpy's 2^51 bytes in H5HG_read
-// when it reads a variable-length string attribute.
+// when it reads a variable-length string attribute. nm_h5_check_global_heaps refuses the file
+// before libhdf5 opens it.
 static void trace_corrupt_global_heap(const char *w) {
-    copy_fuzz_input(w, "known-upstream/trace/hdf5-H5HG_read-corrupt-global-heap-object-size.h5", "bad.h5");
+    copy_fuzz_input(w, "crashes/trace/hdf5-H5HG_read-corrupt-global-heap-object-size.h5", "bad.h5");
+}
+// A global-heap free-space object of size 0: H5HG__cache_heap_deserialize (1.10.8) loops forever.
+static void trace_zero_free_space(const char *w) {
+    copy_fuzz_input(w, "crashes/trace/hdf5-H5HG-zero-free-space-hang.h5", "hang.h5");
+}
+
+// The same two heaps as the target of a batch that would append to or replace them.
+static void batch_onto_zero_free_space(const char *w) {
+    trace_zero_free_space(w);
+    write_text(P("pairs.tsv"), "-\tWhat is two plus two?\n");
+}
+static void batch_onto_corrupt_global_heap(const char *w) {
+    trace_corrupt_global_heap(w);
+    write_text(P("pairs.tsv"), "-\tWhat is two plus two?\n");
 }
 
 static void trace_poke_slot(const char *w) {
@@ -925,6 +942,7 @@ typedef struct {
     int stdout_ok;         // the command may print on stdout before it fails (info streams)
     const char *keeps;     // an output the failure rightly leaves (W/x): `batch` commits every
                            // sample as it goes, so the samples before a bad pair stay
+    int timeout_s;         // > 0: a shorter deadline than cmd_timeout_s() (inputs known to hang)
 } bad_case;
 
 #define RUN(...) {"run", "--model", "@model", "--prompt", "What is this?", "--out", "@out", "--max-new-tokens", "2", __VA_ARGS__, NULL}
@@ -1024,10 +1042,21 @@ static const bad_case CASES[] = {
     {"info_trace_missing_dataset", trace_drop_n_real, {"info", "@out/trace.h5", NULL}, 1, {"trace.h5", "n_real"},
      .stdout_ok = 1},
     {"info_non_hdf5_file", a_file, {"info", "@afile", NULL}, 1, {"afile", "HDF5"}},
+    // libhdf5 1.10.8 crashes (report) or hangs (info, render) on these two; refused before H5Fopen.
     {"report_trace_corrupt_global_heap", trace_corrupt_global_heap, {"report", "@bad.h5", "--out", "@rep", NULL}, 1,
-     {"bad.h5"},
-     .known_bug = "libhdf5 1.10.8 (Debian 12) segfaults in H5HG_read on a corrupt global-heap object size "
-                  "(fuzz_trace; tests/fuzz/README.md): needs a newer HDF5 or a reader in a child process"},
+     {"bad.h5", "corrupt HDF5 global heap at offset 2048", "object 8", "2251799813685248"}, .timeout_s = 20},
+    {"info_trace_corrupt_global_heap", trace_corrupt_global_heap, {"info", "@bad.h5", NULL}, 1,
+     {"bad.h5", "corrupt HDF5 global heap at offset 2048", "object 8"}, .timeout_s = 20},
+    {"info_trace_heap_free_space_0", trace_zero_free_space, {"info", "@hang.h5", NULL}, 1,
+     {"hang.h5", "corrupt HDF5 global heap at offset 2048", "free-space object", "size 0"}, .timeout_s = 20},
+    {"render_trace_heap_free_space_0", trace_zero_free_space, {"render", "@hang.h5", "--out", "@ren", NULL}, 1,
+     {"hang.h5", "corrupt HDF5 global heap at offset 2048", "free-space object", "size 0"}, .timeout_s = 20},
+    {"batch_append_to_heap_free_space_0", batch_onto_zero_free_space,
+     {"batch", "--model", "@model", "--pairs", "@pairs.tsv", "--out", "@hang.h5", "--max-new-tokens", "1", "--append", NULL},
+     1, {"hang.h5", "corrupt HDF5 global heap at offset 2048", "free-space object"}, .timeout_s = 20},
+    {"batch_force_over_corrupt_global_heap", batch_onto_corrupt_global_heap,
+     {"batch", "--model", "@model", "--pairs", "@pairs.tsv", "--out", "@bad.h5", "--max-new-tokens", "1", "--force", NULL},
+     1, {"bad.h5", "corrupt HDF5 global heap at offset 2048", "object 8"}, .timeout_s = 20},
     {"info_other_hdf5_file", out_other_hdf5, {"info", "@out/trace.h5", NULL}, 1, {"trace.h5", "not a nullmap trace"}},
     {"info_dir_without_model", cfg_empty_dir, {"info", "@emptydir", NULL}, 3, {"emptydir", "config.json"}},
     {"info_missing_path", setup_none, {"info", "@nothing.h5", NULL}, 3, {"nothing.h5", "no such file"}},
@@ -1156,7 +1185,7 @@ START_TEST(bad_input_case) {
     snapshot before, after;
     snap_take(&before, w);
     char *out_path = xasprintf("%s/stdout.txt", root), *err_path = xasprintf("%s/stderr.txt", root);
-    run_result r = run_nullmap(argv, out_path, err_path, c->as_limit);
+    run_result r = run_nullmap(argv, out_path, err_path, c->as_limit, c->timeout_s);
     snap_take(&after, w);
     size_t n_out, n_err;
     uint8_t *out = (uint8_t *)nm_test_read_file(out_path, &n_out), *er = (uint8_t *)nm_test_read_file(err_path, &n_err);
@@ -1164,7 +1193,8 @@ START_TEST(bad_input_case) {
     // Every check; the first failure is reported.
     char why[1200] = "";
     char diff[600];
-    if (r.timed_out) snprintf(why, sizeof why, "did not finish within %d s (hang?)", cmd_timeout_s());
+    if (r.timed_out)
+        snprintf(why, sizeof why, "did not finish within %d s (hang?)", c->timeout_s > 0 ? c->timeout_s : cmd_timeout_s());
     else if (r.signaled) snprintf(why, sizeof why, "killed by signal %d (%s): a crash", r.sig, strsignal(r.sig));
     else if (r.code != c->exit_code) snprintf(why, sizeof why, "exit code %d, expected %d", r.code, c->exit_code);
     else if (n_err == 0) snprintf(why, sizeof why, "no message on stderr");

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "nm_h5_guard.h"
 #include "nm_trace.h"
 #include "test_util.h"
 
@@ -195,6 +196,8 @@ static void write_trace(const char *path, const nm_config *c, nm_trace_sample *s
     }
     ck_assert_int_eq(nm_trace_file_num_samples(f), n);
     ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+    // Every trace the writer makes passes the reader's pre-open global heap check.
+    ck_assert_msg(nm_h5_check_global_heaps(path, &err) == NM_OK, "%s", err.msg);
 }
 
 // Three samples of different length on config (L=3, N=6, M=6, K=4); capacity > n_tokens for two.
@@ -212,6 +215,41 @@ static void free_samples(nm_trace_sample *s, int n) {
 
 // ---------------------------------------------------------------------------------------------
 // Round trips and appending
+
+// The global heap check (nm_h5_guard.h) never refuses a trace the writer made: random model
+// shapes, samples with and without images, long and empty texts, appends to an existing file.
+START_TEST(test_heap_check_accepts_own_traces) {
+    char *dir = nm_test_tmpdir();
+    const char *path = nm_test_path(dir, "trace.h5");
+    nm_test_rng r = {0x6a09e667f3bcc908ULL};
+    nm_error err;
+    for (int model = 0; model < 6; model++) {
+        nm_config c;
+        int N = rint_(&r, 1, 12), M = rint_(&r, 0, 6);
+        make_cfg(&c, rint_(&r, 1, 5), N, M, rint_(&r, 1, N)); // K <= N: fill_sample picks up to K distinct experts
+        c.has_vision = model % 3 != 2;
+        int n = rint_(&r, 1, 4), T[4];
+        nm_trace_sample s[4];
+        for (int i = 0; i < n; i++) {
+            T[i] = model == 5 && i == 0 ? rint_(&r, 3000, 9000) : rint_(&r, 1, 60);
+            fill_sample(&s[i], &r, &c, T[i], T[i] + rint_(&r, 0, 3), c.has_vision && rint_(&r, 0, 1));
+        }
+        write_trace(path, &c, s, n); // checks the file
+        nm_trace_file *f = NULL;
+        ck_assert_msg(nm_trace_file_open(&f, path, &c, "appended", 1, 0, &err) == NM_OK, "%s", err.msg);
+        int idx = -1;
+        ck_assert_msg(nm_trace_file_write_sample(f, &s[n - 1], &idx, &err) == NM_OK, "%s", err.msg);
+        ck_assert_msg(nm_trace_file_commit(f, &err) == NM_OK, "%s", err.msg);
+        ck_assert_msg(nm_h5_check_global_heaps(path, &err) == NM_OK, "model %d after append: %s", model, err.msg);
+        for (int i = 0; i < n; i++) assert_read_equal(path, i, &s[i]); // through the reader's check
+        assert_read_equal(path, n, &s[n - 1]);
+        free_samples(s, n);
+    }
+    assert_no_open_ids();
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
 
 START_TEST(test_roundtrip) {
     char *dir = nm_test_tmpdir();
@@ -1275,6 +1313,7 @@ NM_TEST_SUITE(trace) {
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_roundtrip);
     tcase_add_test(tc, test_roundtrip_long_text_only);
+    tcase_add_test(tc, test_heap_check_accepts_own_traces);
     tcase_add_test(tc, test_append);
     tcase_add_test(tc, test_abort_leaves_file_untouched);
     tcase_add_test(tc, test_existing_target_rules);

@@ -96,6 +96,9 @@ head -c 5000 model/model.safetensors >broken/model.safetensors
 vg 1 info-bad-model info broken
 printf 'not hdf5\n' >not.h5
 vg 1 info-not-hdf5 info not.h5
+# Corrupt global heaps that crash / hang libhdf5 1.10.8: refused by the pre-open check.
+vg 1 info-corrupt-heap info "$SRC/tests/fuzz/crashes/trace/hdf5-H5HG_read-corrupt-global-heap-object-size.h5"
+vg 1 info-heap-free-space-0 info "$SRC/tests/fuzz/crashes/trace/hdf5-H5HG-zero-free-space-hang.h5"
 
 # Durable batches: the bad pair above left bad.h5 with its first sample; --resume after the fix
 # finishes it; --resume of a finished batch has nothing to do; report reads with one open file.
