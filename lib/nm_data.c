@@ -154,14 +154,12 @@ static json_t *bbox_json(int x0, int y0, int x1, int y1) { return json_pack("[ii
 
 // Draws the background and records it in rec; returns in allowed[] the colour indices that
 // contrast with every tone drawn (at least 4 for every tone pair: checked by a test).
-// texture_permille: the chance of a texture; the first tone is one of BG_TONES[0, n_tones);
-// base_tone (may be NULL) gets it.
+// texture_permille: the chance of a texture; the first tone is one of BG_TONES[0, n_tones).
 static int draw_background_textured(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *rec, int *allowed, int texture_permille,
-                                    int n_tones, uint8_t *base_tone) {
+                                    int n_tones) {
     int S = g->S;
     uint8_t t0[3], t1[3];
     memcpy(t0, BG_TONES[ri(r, n_tones)], 3);
-    if (base_tone) memcpy(base_tone, t0, 3);
     int textured = chance(r, texture_permille);
     set_rgb(cr, t0);
     cairo_paint(cr);
@@ -239,7 +237,7 @@ static int draw_background_textured(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *
 }
 
 static int draw_background(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *rec, int *allowed) {
-    return draw_background_textured(g, cr, r, rec, allowed, NM_DATA_TEXTURE_PERMILLE, N_BG, NULL);
+    return draw_background_textured(g, cr, r, rec, allowed, NM_DATA_TEXTURE_PERMILLE, N_BG);
 }
 
 // Shapes live in the cells of a 3 x 3 grid (one per cell: boxes never overlap); size and
@@ -413,9 +411,8 @@ static void task_word(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *rec, sample *s
     // are background + stroke mask x (ink - background), so with free colours the letter shapes
     // reach the model multiplied by a colour that changes from image to image; a small model
     // learned no word in 5000 steps that way (README "The data set").
-    uint8_t bg[3];
     int allowed[NM_DATA_N_COLOURS];
-    int na = draw_background_textured(g, cr, r, rec, allowed, 0, N_LIGHT_BG, bg);
+    int na = draw_background_textured(g, cr, r, rec, allowed, 0, N_LIGHT_BG);
     const char *w = WORDS[ri(r, N_WORDS)];
     cairo_set_font_face(cr, g->face);
     cairo_set_font_options(cr, g->fopt);
