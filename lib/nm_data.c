@@ -832,12 +832,6 @@ static uint64_t sample_seed(uint64_t seed, int split, long index, int attempt) {
     return mix64(h ^ ((uint64_t)attempt * 0xd1b54a32d192ed03ULL));
 }
 
-static uint64_t fnv64(uint64_t h, const void *p, size_t n) {
-    const uint8_t *b = p;
-    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ULL;
-    return h;
-}
-
 // Draws sample (split, index, attempt): the image into g->surf (image tasks), the record into
 // rec (whose first keys id/split/image/prompt/answer/task exist already). Returns the content
 // hash used to keep eval apart from train: the pixels, or for text the prompt.
@@ -849,8 +843,8 @@ static uint64_t draw_sample(gen_ctx *g, uint64_t seed, int split, long index, in
     int task = chance(&r, NM_DATA_TEXT_PERMILLE) ? 4 : ri(&r, 4);
     if (task == 4) {
         task_text(&r, rec, s);
-        uint64_t h = fnv64(1469598103934665603ULL, "text", 5);
-        return fnv64(h, s->prompt, strlen(s->prompt));
+        uint64_t h = nm_fnv1a64(1469598103934665603ULL, "text", 5);
+        return nm_fnv1a64(h, s->prompt, strlen(s->prompt));
     }
     cairo_t *cr = cairo_create(g->surf);
     cairo_set_font_options(cr, g->fopt);
@@ -864,12 +858,12 @@ static uint64_t draw_sample(gen_ctx *g, uint64_t seed, int split, long index, in
     cairo_surface_flush(g->surf);
     const uint8_t *data = cairo_image_surface_get_data(g->surf);
     int stride = cairo_image_surface_get_stride(g->surf);
-    uint64_t h = fnv64(1469598103934665603ULL, "image", 6);
+    uint64_t h = nm_fnv1a64(1469598103934665603ULL, "image", 6);
     for (int y = 0; y < g->S; y++) {
         const uint32_t *row = (const uint32_t *)(const void *)(data + (size_t)y * stride);
         for (int x = 0; x < g->S; x++) {
             uint32_t px = row[x] & 0xFFFFFFu; // RGB24: the top byte is unused
-            h = fnv64(h, &px, 4);
+            h = nm_fnv1a64(h, &px, 4);
         }
     }
     return h;

@@ -4,7 +4,9 @@
 #define NM_RNG_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct {
     uint64_t s;
@@ -40,11 +42,16 @@ static inline double nm_rng_normal(nm_rng *r) {
     return rad * cos(th);
 }
 
-// FNV-1a: a stable hash of a tensor name, mixed into the seed.
-static inline uint64_t nm_hash_str(const char *s) {
-    uint64_t h = 1469598103934665603ULL;
-    for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ULL;
+// FNV-1a, 64 bit, continuing from h over n bytes. Callers pass their own starting value: the
+// ones in use (nm_hash_str's, the data set's, the batch key's) are fixed by files already
+// written (model inits, data sets, traces), so they stay as they are.
+static inline uint64_t nm_fnv1a64(uint64_t h, const void *data, size_t n) {
+    const uint8_t *p = data;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
     return h;
 }
+
+// FNV-1a: a stable hash of a tensor name, mixed into the seed.
+static inline uint64_t nm_hash_str(const char *s) { return nm_fnv1a64(1469598103934665603ULL, s, strlen(s)); }
 
 #endif

@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "nm_fileutil.h"
 #include "nm_limits.h"
+#include "nm_rng.h"
 #include "nm_generate.h"
 #include "nm_metrics.h"
 #include "nm_model.h"
@@ -133,20 +134,14 @@ static nm_status read_pairs(const char *path, pair **out, int *n_out, nm_error *
     return NM_OK;
 }
 
-// FNV-1a, 64 bit: identifies the model files and the pair list (a resumed batch must use the
-// same ones; this guards against mistakes, not against tampering).
-static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
-    const unsigned char *p = data;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
-    return h;
-}
-
+// The batch key hashes with FNV-1a (nm_fnv1a64): it identifies the model files and the pair
+// list (a resumed batch must use the same ones; this guards against mistakes, not tampering).
 static nm_status hash_file(uint64_t *h, const char *path, nm_error *err) {
     FILE *f = fopen(path, "rb");
     if (!f) return nm_fail(err, NM_ERR_IO, "%s: %s", path, strerror(errno));
     unsigned char buf[1 << 16];
     size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) *h = fnv1a(*h, buf, n);
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) *h = nm_fnv1a64(*h, buf, n);
     int bad = ferror(f);
     fclose(f);
     return bad ? nm_fail(err, NM_ERR_IO, "%s: read error", path) : NM_OK;
@@ -168,10 +163,10 @@ static nm_status batch_key(char *key, size_t size, const char *model_dir, const 
     if (s != NM_OK) return s;
     for (int i = 0; i < n_pairs; i++) {
         const char *image = pairs[i].image ? pairs[i].image : "";
-        h = fnv1a(h, image, strlen(image) + 1);
-        h = fnv1a(h, pairs[i].prompt, strlen(pairs[i].prompt) + 1);
+        h = nm_fnv1a64(h, image, strlen(image) + 1);
+        h = nm_fnv1a64(h, pairs[i].prompt, strlen(pairs[i].prompt) + 1);
     }
-    h = fnv1a(h, &max_new, sizeof max_new);
+    h = nm_fnv1a64(h, &max_new, sizeof max_new);
     snprintf(key, size, "fnv1a64:%016llx", (unsigned long long)h);
     return NM_OK;
 }
