@@ -85,7 +85,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #define HDF5_SIGNATURE "\x89HDF\r\n\x1a\n"
@@ -99,8 +98,6 @@
 #define MAX_PREFIX_BYTES (8u + MAX_LENGTH_SIZE) // collection or object header before alignment
 #define SCAN_BLOCK_BYTES ((size_t)1 << 20)
 #define WALK_WINDOW_BYTES ((size_t)64 << 10)
-#define CHECKED_FILE_SLOTS 8
-#define SETTLE_SECONDS 2 // a file untouched for this long before a check may be remembered
 
 typedef struct {
     int fd;
@@ -277,59 +274,12 @@ static nm_status scan_file(heap_scan *s, nm_error *err) {
     return NM_OK;
 }
 
-// ---- Files already checked (per thread) ----
-
-typedef struct {
-    int used;
-    dev_t dev;
-    ino_t ino;
-    off_t size;
-    struct timespec mtime, ctime;
-} checked_file;
-
-static _Thread_local checked_file g_checked[CHECKED_FILE_SLOTS];
-static _Thread_local unsigned g_next_slot;
-
-static int same_time(struct timespec a, struct timespec b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; }
-
-static int same_state(const checked_file *c, const struct stat *st) {
-    return c->used && c->dev == st->st_dev && c->ino == st->st_ino && c->size == st->st_size &&
-           same_time(c->mtime, st->st_mtim) && same_time(c->ctime, st->st_ctim);
-}
-
-static int was_checked(const struct stat *st) {
-    for (int i = 0; i < CHECKED_FILE_SLOTS; i++)
-        if (same_state(&g_checked[i], st)) return 1;
-    return 0;
-}
-
-// Remembers a file that passed, unless it changed during the check or was modified less than
-// SETTLE_SECONDS before the check began: with coarse file-system timestamps a later in-place
-// write in the same tick would keep mtime and ctime, and the stale entry would skip the check
-// ("racy" timestamps, as in git's index).
-static void remember_checked(const struct stat *before, const struct stat *after, struct timespec check_began) {
-    if (before->st_size != after->st_size || !same_time(before->st_mtim, after->st_mtim) ||
-        !same_time(before->st_ctim, after->st_ctim) || before->st_ino != after->st_ino)
-        return;
-    time_t settled = check_began.tv_sec - SETTLE_SECONDS;
-    if (after->st_mtim.tv_sec >= settled || after->st_ctim.tv_sec >= settled) return;
-    checked_file *c = &g_checked[g_next_slot++ % CHECKED_FILE_SLOTS];
-    c->used = 1;
-    c->dev = after->st_dev;
-    c->ino = after->st_ino;
-    c->size = after->st_size;
-    c->mtime = after->st_mtim;
-    c->ctime = after->st_ctim;
-}
-
 nm_status nm_h5_check_global_heaps(const char *path, nm_error *err) {
     if (!path) return nm_fail(err, NM_ERR_INTERNAL, "nm_h5_check_global_heaps: NULL path");
-    struct timespec check_began;
-    clock_gettime(CLOCK_REALTIME, &check_began);
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); // O_NONBLOCK: a FIFO must not block here
     if (fd < 0) return nm_fail(err, NM_ERR_IO, "%s: %s", path, strerror(errno));
     heap_scan s = {.fd = fd, .path = path};
-    struct stat before, after;
+    struct stat before;
     nm_status rc = NM_OK;
     if (fstat(fd, &before) != 0) {
         rc = nm_fail(err, NM_ERR_IO, "%s: %s", path, strerror(errno));
@@ -339,7 +289,6 @@ nm_status nm_h5_check_global_heaps(const char *path, nm_error *err) {
         rc = nm_fail(err, NM_ERR_IO, "%s: not a regular file", path);
         goto out;
     }
-    if (was_checked(&before)) goto out;
     s.file_size = (uint64_t)before.st_size;
     rc = read_length_size(&s, &s.length_size, err);
     if (rc != NM_OK || s.length_size == 0) goto out; // no superblock libhdf5 accepts: H5Fopen says why
@@ -356,7 +305,6 @@ nm_status nm_h5_check_global_heaps(const char *path, nm_error *err) {
         goto out;
     }
     rc = scan_file(&s, err);
-    if (rc == NM_OK && fstat(fd, &after) == 0) remember_checked(&before, &after, check_began);
 out:
     free(s.block);
     free(s.window);

@@ -19,10 +19,9 @@
 // "<path>: corrupt HDF5 global heap at offset N: <what is wrong>", or NM_ERR_IO (cannot open
 // or read the file, with the system's reason) or NM_ERR_NOMEM.
 //
-// Reads the whole file once in 1 MiB blocks (memory O(1 MiB), any file size). A file that
-// passed and has not changed since (same device, inode, size, mtime and ctime, and last
-// modified more than 2 s before it was checked) is not read again by the same thread, so that
-// reading the samples of a trace one by one costs one scan, not one per sample.
+// Reads the whole file once in 1 MiB blocks (memory O(1 MiB), any file size) on every call:
+// readers open a trace once (nm_trace_reader keeps it open for all its samples), so a trace is
+// scanned once per command.
 nm_status nm_h5_check_global_heaps(const char *path, nm_error *err);
 
 #endif

@@ -47,7 +47,22 @@ static nm_status render_charts(const nm_report_trace *r, int n, const char *dir,
     return nm_render_trace_charts(r, n, dir, &ro, err);
 }
 
-static void progress_cb(void *ctx, int done, int total) { cli_progress_step(ctx, done); (void)total; }
+// The load reports (done, total) from its one open of the trace; the bar starts at the first
+// report, and only for traces of 50 samples or more (small ones load in a blink).
+typedef struct {
+    cli_progress bar;
+    int started;
+} load_progress;
+
+static void progress_cb(void *ctx, int done, int total) {
+    load_progress *p = ctx;
+    if (!p->started) {
+        if (total < 50) return;
+        cli_progress_start(&p->bar, total, "samples");
+        p->started = 1;
+    }
+    cli_progress_step(&p->bar, done);
+}
 
 static void cell(double v, const char *undef) {
     if (isnan(v)) printf(" %10s", undef);
@@ -131,13 +146,9 @@ int cmd_report(int argc, char **argv) {
         return EXIT_INTERNAL;
     }
     for (; loaded < n; loaded++) {
-        nm_trace_info info;
-        if (nm_trace_read_info(&info, paths[loaded], &err) != NM_OK) goto fail;
-        cli_progress bar;
-        int show = info.num_samples >= 50; // small traces load in a blink
-        if (show) cli_progress_start(&bar, info.num_samples, "samples");
-        nm_status s = nm_report_trace_load(&r[loaded], paths[loaded], per_sample, show ? progress_cb : NULL, &bar, &err);
-        if (show) cli_progress_end(&bar);
+        load_progress prog = {.started = 0};
+        nm_status s = nm_report_trace_load(&r[loaded], paths[loaded], per_sample, progress_cb, &prog, &err);
+        if (prog.started) cli_progress_end(&prog.bar);
         if (s != NM_OK) goto fail;
     }
     created_top = nm_first_missing_dir(out);
