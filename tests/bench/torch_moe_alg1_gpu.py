@@ -20,6 +20,7 @@ Prints one line per configuration:
 and "SKIP: ..." (exit 0) where torch or a CUDA device is missing.
 """
 import argparse
+import os
 import statistics
 import sys
 
@@ -29,6 +30,10 @@ try:
 except ImportError as exc:
     print(f"SKIP: PyTorch is not available for {sys.executable} ({exc})")
     sys.exit(0)
+
+# The float64 per-token reference of DESIGN.md §2, shared with the CPU baseline.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_alg1 import reference  # noqa: E402
 
 
 def grouped(x, w, offs, use_grouped):
@@ -69,24 +74,6 @@ def moe_alg1(x, router, gate, up, down, K, M, use_grouped):
     y = torch.zeros(T, D, device=x.device, dtype=torch.float32)             # 13
     y.index_add_(0, sorted_tokens[:num_real], x_out.float())                # 14
     return y, 1.0 - num_real / (T * K)
-
-
-def reference(x, router, gate, up, down, K, M):
-    """Per token in float64, straight from DESIGN.md §2."""
-    x, router, gate, up, down = (t.double() for t in (x, router, gate, up, down))
-    N = gate.shape[0]
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        z = router @ x[t]
-        zz = torch.cat([z[:N], z[N:].expand(M)])
-        order = sorted(range(N + M), key=lambda i: (-float(zz[i]), i))[:K]
-        reals = [i for i in order if i < N]
-        if not reals:
-            continue
-        gz = torch.softmax(zz[reals], 0)
-        for gi, e in zip(gz, reals):
-            out[t] += gi * (down[e] @ (F.silu(gate[e] @ x[t]) * (up[e] @ x[t])))
-    return out
 
 
 def make_inputs(T, D, N, H, dtype, device, seed):
