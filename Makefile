@@ -49,17 +49,27 @@ LDLIBS_ALL += -fsanitize=address,undefined
 endif
 
 # CUDA: the GPU backend (kernels/*.cu) is built whenever nvcc is found; NVCC=none turns it off.
-NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+# /usr/local/cuda comes first (where the toolkit lives here); then nvcc on PATH. On some machines
+# PATH holds /usr/local/bin/nvcc, a two-line wrapper script that execs the real nvcc, so the
+# toolkit root is not always realpath(nvcc)/..: we try that, then $(CUDA_HOME), /usr/local/cuda,
+# and last the TOP= line that nvcc itself prints in a dry run.
+NVCC ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
 ifeq ($(NVCC),none)
 override NVCC :=
 endif
 CU_SRC := $(filter-out kernels/sandbox.cu,$(wildcard kernels/*.cu))
 ifneq ($(NVCC),)
-CUDA_HOME := $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
-CUDA_LIBDIR := $(patsubst %/,%,$(dir $(firstword $(wildcard $(CUDA_HOME)/lib64/libcudart.so \
-                   $(CUDA_HOME)/targets/x86_64-linux/lib/libcudart.so))))
+cudart_in = $(patsubst %/,%,$(dir $(firstword $(foreach r,$(1),$(wildcard \
+                $(r)/lib64/libcudart.so $(r)/targets/x86_64-linux/lib/libcudart.so)))))
+CUDA_ROOTS := $(patsubst %/bin/nvcc,%,$(realpath $(NVCC))) $(CUDA_HOME) /usr/local/cuda
+CUDA_LIBDIR := $(call cudart_in,$(CUDA_ROOTS))
 ifeq ($(CUDA_LIBDIR),)
-$(error nvcc found at $(NVCC) but no libcudart.so under $(CUDA_HOME)/lib64 or targets/x86_64-linux/lib; set NVCC=none)
+CUDA_ROOTS += $(realpath $(shell $(NVCC) --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | \
+                  sed -n 's/^#\$$ TOP=//p'))
+CUDA_LIBDIR := $(call cudart_in,$(CUDA_ROOTS))
+endif
+ifeq ($(CUDA_LIBDIR),)
+$(error nvcc found at $(NVCC) but no libcudart.so under lib64 or targets/x86_64-linux/lib of $(CUDA_ROOTS); set CUDA_HOME=/path/to/toolkit, or NVCC=none for a CPU-only build)
 endif
 CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
              -gencode arch=compute_90,code=compute_90
@@ -147,6 +157,7 @@ test: deps
 	NM_ISA=generic $(TEST_ENV) NULLMAP=$(NULLMAP) CK_RUN_SUITE=engine $(BUILD)/run_tests
 	$(TEST_ENV) NULLMAP=$(NULLMAP) tests/cli_test.sh
 ifeq ($(SAN),0)
+	tests/build_config_test.sh
 	tests/install_test.sh
 endif
 

@@ -4,10 +4,10 @@
 set -euo pipefail
 pkgs=(build-essential pkg-config libhdf5-dev hdf5-tools libcairo2-dev libpng-dev libjpeg-dev
       check libsubunit-dev libopenblas-dev libopenblas0-openmp libjansson-dev valgrind
-      fonts-dejavu-core
+      fonts-dejavu-core python3-h5py python3-numpy # python3-h5py: the CLI test reads traces back with h5py
       clang libclang-rt-14-dev libomp-14-dev) # make fuzz: clang, libFuzzer (libclang_rt.fuzzer), OpenMP
 # Optional extras: the PyTorch fixture generator and the bench's PyTorch baseline.
-if [[ "${NULLMAP_WITH_TORCH:-0}" == 1 ]]; then pkgs+=(python3-torch python3-numpy python3-h5py); fi
+if [[ "${NULLMAP_WITH_TORCH:-0}" == 1 ]]; then pkgs+=(python3-torch); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
