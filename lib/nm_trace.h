@@ -51,7 +51,8 @@ typedef struct nm_trace_file nm_trace_file;
 // file (it must be a nullmap trace with the same model shape: num_layers, top_k, num_experts,
 // null_copies); with append = 0 an existing `path` is refused unless `overwrite` is set. A file
 // that is not a nullmap trace (not HDF5, another HDF5 file, a directory) is always refused.
-// A second writer for the same path in one process is refused; commit refuses to replace a
+// It holds the lock file `path`.lock until commit or abort, as the durable writer below does, so
+// a second writer (in this process or another) is refused; commit refuses to replace a
 // target that changed on disk after open. `model_name` is recorded as an attribute (may be NULL).
 nm_status nm_trace_file_open(nm_trace_file **out, const char *path, const nm_config *cfg,
                              const char *model_name, int append, int overwrite, nm_error *err);

@@ -567,6 +567,12 @@ static int tmp_in_use(const char *tmp) {
     return 0;
 }
 
+static int target_in_use(const char *path) {
+    for (nm_trace_file *o = g_open_files; o; o = o->next_open)
+        if (o->path && strcmp(o->path, path) == 0) return 1;
+    return 0;
+}
+
 static void file_free(nm_trace_file *f) {
     if (!f) return;
     for (nm_trace_file **pp = &g_open_files; *pp; pp = &(*pp)->next_open)
@@ -818,9 +824,16 @@ static nm_status trace_open(nm_trace_file **out, const char *path, const nm_conf
         goto out;
     }
     const char *p = f->path;
-    if (durable) { // one writer per trace; then the leftovers of a crashed writer can go
-        rc = take_writer_lock(f, err);
-        if (rc != NM_OK) goto out;
+    // One writer per trace, durable or not: `nullmap run --append` (or --force) on a trace that
+    // `nullmap batch` is writing would otherwise rename its copy over samples the batch has
+    // committed since. Holding the lock, the leftovers of a crashed durable writer can go.
+    if (target_in_use(p)) { // checked first: the lock below cannot tell this process from another
+        rc = nm_fail(err, NM_ERR_IO, "%s: already open for writing in this process", p);
+        goto out;
+    }
+    rc = take_writer_lock(f, err);
+    if (rc != NM_OK) goto out;
+    if (durable) {
         if (unlink(f->prev) != 0 && errno != ENOENT) {
             rc = nm_fail(err, NM_ERR_IO, "%s: cannot remove the leftover %s: %s", p, f->prev, strerror(errno));
             goto out;

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "nm_h5_guard.h"
@@ -1168,7 +1169,7 @@ START_TEST(test_durable_abort_resume_and_batch) {
     nm_error err;
     ck_assert_msg(nm_trace_file_open_durable(&f, path, &c, "m", 0, 0, &err) == NM_OK, "%s", err.msg);
     ck_assert_int_eq(nm_trace_file_open_durable(&g, path, &c, "m", 1, 0, &err), NM_ERR_IO);
-    ck_assert_msg(strstr(err.msg, "another process is writing"), "%s", err.msg);
+    ck_assert_msg(strstr(err.msg, "already open for writing in this process"), "%s", err.msg);
     ck_assert_ptr_null(g);
     nm_trace_batch b = {.key = "fnv1a64:0123", .first_sample = 0, .n_pairs = 5}, got;
     ck_assert_msg(nm_trace_file_set_batch(f, &b, &err) == NM_OK, "%s", err.msg);
@@ -1193,6 +1194,64 @@ START_TEST(test_durable_abort_resume_and_batch) {
     assert_read_equal(path, 1, &s[2]);
     assert_read_equal(path, 2, &s[1]);
     ck_assert_int_eq(count_entries(dir, NULL), 1);
+    assert_no_open_ids();
+    free_samples(s, 3);
+    nm_test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+// `nullmap run --append` (the plain writer) on a trace that another process is writing with
+// the durable writer (`nullmap batch`) is refused, instead of renaming its copy over samples the
+// batch commits meanwhile; once the batch is done, the append goes through and keeps them.
+START_TEST(test_plain_writer_respects_batch_lock) {
+    char *dir = nm_test_tmpdir();
+    char path[4096];
+    snprintf(path, sizeof path, "%s", nm_test_path(dir, "trace.h5"));
+    nm_config c;
+    nm_trace_sample s[3];
+    three_samples(s, &c, 907);
+    int to_parent[2], to_child[2];
+    ck_assert(pipe(to_parent) == 0 && pipe(to_child) == 0);
+    pid_t pid = fork();
+    ck_assert(pid >= 0);
+    if (pid == 0) { // the batch: two committed samples, then it waits for the parent's try
+        nm_trace_file *f = NULL;
+        nm_error e;
+        char byte = 1;
+        int ok = nm_trace_file_open_durable(&f, path, &c, "m", 0, 0, &e) == NM_OK &&
+                 nm_trace_file_write_sample(f, &s[0], NULL, &e) == NM_OK &&
+                 nm_trace_file_write_sample(f, &s[1], NULL, &e) == NM_OK;
+        byte = ok ? 1 : 0;
+        if (write(to_parent[1], &byte, 1) != 1 || read(to_child[0], &byte, 1) != 1) ok = 0;
+        if (ok && nm_trace_file_commit(f, &e) != NM_OK) ok = 0;
+        else if (!ok) nm_trace_file_abort(f);
+        _exit(ok ? 0 : 1);
+    }
+    char byte = 0;
+    ck_assert_int_eq(read(to_parent[0], &byte, 1), 1);
+    ck_assert_int_eq(byte, 1);
+    nm_trace_file *g = NULL;
+    nm_error err;
+    ck_assert_int_eq(nm_trace_file_open(&g, path, &c, "m", 1, 0, &err), NM_ERR_IO);
+    ck_assert_msg(strstr(err.msg, "another process is writing"), "%s", err.msg);
+    ck_assert_ptr_null(g);
+    ck_assert_int_eq(nm_trace_file_open(&g, path, &c, "m", 0, 1, &err), NM_ERR_IO); // --force too
+    ck_assert_ptr_null(g);
+    ck_assert_int_eq(write(to_child[1], &byte, 1), 1);
+    int status = 0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    for (int i = 0; i < 2; i++) {
+        close(to_parent[i]);
+        close(to_child[i]);
+    }
+    ck_assert_msg(nm_trace_file_open(&g, path, &c, "m", 1, 0, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_write_sample(g, &s[2], NULL, &err) == NM_OK, "%s", err.msg);
+    ck_assert_msg(nm_trace_file_commit(g, &err) == NM_OK, "%s", err.msg);
+    ck_assert_int_eq(trace_count(path), 3);
+    for (int i = 0; i < 3; i++) assert_read_equal(path, i, &s[i]);
+    ck_assert_int_eq(count_entries(dir, NULL), 1); // no lock file, shadow or temporary left
     assert_no_open_ids();
     free_samples(s, 3);
     nm_test_rmtree(dir);
@@ -1337,6 +1396,7 @@ NM_TEST_SUITE(trace) {
     tcase_set_timeout(du, 60);
     tcase_add_test(du, test_durable_commits_each_sample);
     tcase_add_test(du, test_durable_abort_resume_and_batch);
+    tcase_add_test(du, test_plain_writer_respects_batch_lock);
     tcase_add_test(du, test_durable_force_and_append);
     tcase_add_test(du, test_durable_crash_leftovers);
     tcase_add_test(du, test_reader_meets_writer_lock);
