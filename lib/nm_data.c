@@ -349,22 +349,49 @@ static void task_colour(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *rec, sample 
 }
 
 // "How many circles are there?" — by kind, by colour, or every shape; 1–5 shapes.
+// "How many circles / red shapes / shapes are there?" The answer is drawn first and the scene
+// built to match it, so that every answer is about as common as the others. Drawing the scene
+// first (as this set did before 2026-11-22) made "1" the answer to 69% of the by-colour and 42%
+// of the by-kind questions, and a trained model learned to say "1" instead of counting.
 static void task_count(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *rec, sample *s) {
     int allowed[NM_DATA_N_COLOURS], na = draw_background(g, cr, r, rec, allowed);
-    int n = 1 + ri(r, 5);
+    int mode = ri(r, 10) < 4 ? 0 : ri(r, 10) < 5 ? 1 : 2;
+    // the count asked for: 0 one time in ten, else 1..5 alike; then 0..2 other shapes beside
+    int want = chance(r, 100) ? 0 : 1 + ri(r, 5), others = ri(r, 3);
+    if (mode == 2) want = 1 + ri(r, 5), others = 0;
+    if (want == 0 && others == 0) others = 1 + ri(r, 2);
+    int k = ri(r, 3), c = allowed[ri(r, na)];
+    int other_colours[NM_DATA_N_COLOURS], no = 0;
+    for (int i = 0; i < na; i++)
+        if (allowed[i] != c) other_colours[no++] = allowed[i];
+    if (mode == 1 && no == 0) { // one colour on this background: every shape has it
+        want += others;
+        others = 0;
+        if (want == 0) want = 1;
+    }
+    int n = want + others; // <= 7 <= GRID * GRID cells
     shape sh[GRID * GRID];
     for (int i = 0; i < n; i++) {
-        sh[i].kind = ri(r, 3);
-        sh[i].colour = allowed[ri(r, na)];
+        int match = i < want;
+        if (mode == 0) {
+            sh[i].kind = match ? k : (k + 1 + ri(r, 2)) % 3;
+            sh[i].colour = allowed[ri(r, na)];
+        } else if (mode == 1) {
+            sh[i].kind = ri(r, 3);
+            sh[i].colour = match ? c : other_colours[ri(r, no)];
+        } else {
+            sh[i].kind = ri(r, 3);
+            sh[i].colour = allowed[ri(r, na)];
+        }
     }
+    // place_shapes shuffles the cells: the matching shapes land anywhere
     place_shapes(g, r, sh, n, NULL);
     json_t *objects = json_array();
     draw_shapes(cr, sh, n, objects);
     json_object_set_new(rec, "objects", objects);
-    int mode = ri(r, 10) < 4 ? 0 : ri(r, 10) < 5 ? 1 : 2, count = 0;
+    int count = 0;
     char tmpl[256];
     if (mode == 0) { // by kind
-        int k = ri(r, 3);
         for (int i = 0; i < n; i++) count += sh[i].kind == k;
         static const char *T[] = {
             "How many {a} are there?", "How many {a} can you see?", "Count the {a}.", "How many {a} are in the picture?",
@@ -375,8 +402,7 @@ static void task_count(gen_ctx *g, cairo_t *cr, nm_rng *r, json_t *rec, sample *
         };
         fill(tmpl, sizeof tmpl, PICK(r, T), KINDS_PL[k], NULL, NULL, NULL);
         json_object_set_new(rec, "target", json_pack("{s:s}", "kind", KINDS[k]));
-    } else if (mode == 1) { // by colour: mostly a colour that is present
-        int c = chance(r, 800) ? sh[ri(r, n)].colour : allowed[ri(r, na)];
+    } else if (mode == 1) { // by colour
         for (int i = 0; i < n; i++) count += sh[i].colour == c;
         static const char *T[] = {
             "How many {a} shapes are there?", "How many shapes are {a}?", "Count the {a} objects.",

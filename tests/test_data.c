@@ -280,7 +280,7 @@ START_TEST(test_records_and_answers) {
     snprintf(d, sizeof d, "%s/data", tmp);
     int S = 64;
     generate(d, 300, 60, 11, S);
-    int counts[5] = {0};
+    int counts[5] = {0}, subset_answers[10] = {0}, n_subset = 0;
     static const char *splits[] = {"train", "eval"};
     for (int s = 0; s < 2; s++) {
         json_t *arr = load_lines(d, splits[s]);
@@ -292,9 +292,26 @@ START_TEST(test_records_and_answers) {
             snprintf(want, sizeof want, "%s-%06zu", splits[s], i);
             ck_assert_str_eq(sget(r, "id"), want);
             check_record(d, r, splits[s], S, counts);
+            json_t *tg = json_object_get(r, "target");
+            if (!strcmp(sget(r, "task"), "count") && json_object_size(tg) > 0) { // by kind / colour
+                long a = json_integer_value(json_object_get(r, "count"));
+                ck_assert(a >= 0 && a < 10);
+                subset_answers[a]++;
+                n_subset++;
+            }
         }
         json_decref(arr);
     }
+    // The answers to "how many circles / red shapes" are balanced (the scene is built to the
+    // drawn answer), not mostly "1" (README "Why counting questions look the way they do").
+    int top = 0, distinct = 0;
+    for (int a = 0; a < 10; a++) {
+        top = subset_answers[a] > top ? subset_answers[a] : top;
+        distinct += subset_answers[a] > 0;
+    }
+    ck_assert_msg(n_subset >= 30, "only %d by-kind / by-colour count questions", n_subset);
+    ck_assert_msg(top <= 0.4 * n_subset && distinct >= 5, "count answers unbalanced: top %d of %d, %d distinct", top,
+                  n_subset, distinct);
     for (int t = 0; t < 5; t++) ck_assert_msg(counts[t] >= 30, "task %d appears only %d times in 360", t, counts[t]);
     ck_assert_msg(counts[4] < 360 * 0.3, "text-only share %d / 360", counts[4]);
     // info.json describes the set
