@@ -7,7 +7,7 @@
 #   samples/run_sweep.sh DATA OUT [STEPS]
 #
 # DATA: a `nullmap data` set (e.g. --train 20000 --eval 1000 --seed 1). STEPS overrides the
-# configs' train.steps. Long: about 10 minutes per config on a 2-core machine at 1000 steps.
+# configs' train.steps. Long: about 6 minutes per config on one core at 1000 steps.
 set -eu
 DATA=${1:?usage: run_sweep.sh DATA OUT [STEPS]}
 OUT=${2:?usage: run_sweep.sh DATA OUT [STEPS]}
