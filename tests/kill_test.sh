@@ -106,6 +106,7 @@ while [ $b_kills -lt "$BATCH_KILLS" ]; do
     while :; do
         attempt=$((attempt + 1))
         log=log.$attempt
+        : >"$log" # created here: a kill can land before the child has opened its redirection
         "$NULLMAP" batch "${BATCH_ARGS[@]}" --out out.h5 --verbose "${mode[@]}" >"$log" 2>err.txt &
         pid=$!
         killed=0
@@ -124,7 +125,8 @@ while [ $b_kills -lt "$BATCH_KILLS" ]; do
         fi
         b_kills=$((b_kills + 1))
         # committed before this kill: what this attempt and the earlier ones of the round reported
-        b_claimed=$((b_claimed + $(grep -c '^committed sample' "$log")))
+        n_log=$(grep -c '^committed sample' "$log")
+        b_claimed=$((b_claimed + ${n_log:-0}))
         mapfile -t claimed < <(cat log.* | sed -n 's/^committed sample \([0-9]\{6\}\) .*/\1/p')
         if [ -e out.h5 ]; then
             b_checks=$((b_checks + 1))
@@ -242,4 +244,7 @@ echo "readers: nullmap report/info $r_reads reads, $r_ok consistent, $r_refused 
 echo "TOTAL: kills tried $((b_kills + t_kills)) (batch $b_kills, train $t_kills), resumes $((b_resumes + t_resumes))," \
     "committed samples lost $b_lost, identical $([ $b_identical = $b_rounds ] && [ $t_identical = $t_rounds ] &&
         echo yes || echo no) (batch $b_identical/$b_rounds, train $t_identical/$t_rounds), problems $PROBLEMS"
-[ $PROBLEMS = 0 ]
+# every kill asked for was made and every round finished identical (a round cut short by an
+# error in this script would otherwise pass unnoticed)
+[ $PROBLEMS = 0 ] && [ $b_kills = "$BATCH_KILLS" ] && [ $t_kills = "$TRAIN_KILLS" ] &&
+    [ $b_identical = $b_rounds ] && [ $t_identical = $t_rounds ]
