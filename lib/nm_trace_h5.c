@@ -557,15 +557,11 @@ struct nm_trace_file {
     int attrs_changed;    // root attributes changed since the last publish (set_batch)
 };
 
-// The writers open in this process: their temporary files are not stale leftovers, and a second
-// writer for the same target is refused (it would share the temporary file name).
+// The writers open in this process: a second writer for the same target is refused with a
+// message that names this process (the writer lock alone would blame "another process"). The
+// temporary file name is a function of the target, so this also keeps two writers of this
+// process from sharing one.
 static nm_trace_file *g_open_files;
-
-static int tmp_in_use(const char *tmp) {
-    for (nm_trace_file *o = g_open_files; o; o = o->next_open)
-        if (o->tmp && strcmp(o->tmp, tmp) == 0) return 1;
-    return 0;
-}
 
 static int target_in_use(const char *path) {
     for (nm_trace_file *o = g_open_files; o; o = o->next_open)
@@ -889,10 +885,6 @@ static nm_status trace_open(nm_trace_file **out, const char *path, const nm_conf
     f->tmp = durable ? path_with_suffix(p, NM_TRACE_SHADOW_SUFFIX) : nm_tmp_path(p);
     if (!f->tmp) {
         rc = NM_NOMEM(err, "a path");
-        goto out;
-    }
-    if (tmp_in_use(f->tmp)) {
-        rc = nm_fail(err, NM_ERR_IO, "%s: already open for writing in this process", p);
         goto out;
     }
     for (int attempt = 0; attempt < 2; attempt++) {
